@@ -1,0 +1,38 @@
+"""qknorm: one fused Q/K RMSNorm operator (optionally quantizing q to FP8 or MXFP4).
+
+Public entry points (SPEC §2):
+
+- :func:`fused_qk_rmsnorm` - aiter's unified in-place entry.
+- :func:`fused_qk_rmsnorm_group_quant`, :func:`fused_qk_rmsnorm_per_token_quant` - aiter's
+  quantizing entries.
+- :func:`fused_qk_rmsnorm_legacy` - the pre-v0.1.14 aiter signature returning new tensors.
+- :func:`qk_rmsnorm` - the Pythonic functional entry (allocates, any leading dimensions).
+- :class:`QuantType` - aiter's enum, same names and values.
+
+Importing qknorm does no work: no device queries, no environment reads, no optional imports.
+Backends are probed and chosen on first use (see :mod:`qknorm.backends.registry`).
+"""
+
+from .api import (
+    QKNormOutput,
+    fused_qk_rmsnorm,
+    fused_qk_rmsnorm_group_quant,
+    fused_qk_rmsnorm_legacy,
+    fused_qk_rmsnorm_per_token_quant,
+    qk_rmsnorm,
+)
+from .quant import QuantMode, QuantType
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QKNormOutput",
+    "QuantMode",
+    "QuantType",
+    "fused_qk_rmsnorm",
+    "fused_qk_rmsnorm_group_quant",
+    "fused_qk_rmsnorm_legacy",
+    "fused_qk_rmsnorm_per_token_quant",
+    "qk_rmsnorm",
+    "__version__",
+]

@@ -1,0 +1,400 @@
+"""The entry points of SPEC §2. Each builds one validated request and hands it to the selector."""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from .backends.registry import run_request
+from .checks import build_request
+from .quant import QuantMode, QuantType, is_fp4_dtype
+
+__all__ = [
+    "fused_qk_rmsnorm",
+    "fused_qk_rmsnorm_group_quant",
+    "fused_qk_rmsnorm_per_token_quant",
+    "fused_qk_rmsnorm_legacy",
+    "qk_rmsnorm",
+    "QKNormOutput",
+]
+
+# Group size of each block-scaled QuantType in aiter's unified entry (SPEC §2): the 2-D
+# weight-block types quantize activations per 1 x 128.
+_QUANT_TYPE_GROUP = {
+    QuantType.per_1x32: 32,
+    QuantType.per_1x128: 128,
+    QuantType.per_128x128: 128,
+    QuantType.per_256x128: 128,
+    QuantType.per_1024x128: 128,
+}
+
+
+def _quant_type(value: object) -> QuantType:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"quant_type must be a QuantType, got {type(value).__name__}")
+    try:
+        return QuantType(int(value))
+    except ValueError:
+        raise ValueError(f"quant_type must be one of {[f'{t.name}={t.value}' for t in QuantType]}, got {value!r}") from None
+
+
+def _block_mode(q_out_quantized: object) -> QuantMode:
+    """Block quantization writes MXFP4 when the output is packed nibbles, FP8 otherwise."""
+    if isinstance(q_out_quantized, torch.Tensor) and is_fp4_dtype(q_out_quantized.dtype):
+        return QuantMode.MXFP4
+    return QuantMode.FP8_GROUP
+
+
+def fused_qk_rmsnorm(
+    q_out_quantized: torch.Tensor | None = None,
+    q_out_scale: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    q_weight: torch.Tensor | None = None,
+    q_epsilon: float = 1e-6,
+    q_out_unquantized: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+    q_res_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    k_epsilon: float | None = None,
+    q_residual: torch.Tensor | None = None,
+    gemma_norm: bool = False,
+    quant_type: QuantType | int = QuantType.No,
+    group_size: int | None = None,
+    transpose_scale: bool = False,
+) -> None:
+    """aiter's unified in-place entry: RMSNorm of q (and k), optionally quantizing q.
+
+    Parameters
+    ----------
+    q_out_quantized : Tensor, optional
+        ``QuantType.No``: ``[m, n1]`` in q's dtype, receives the normalized q. FP8 modes:
+        ``[m, n1]`` ``float8_e4m3fn`` (FMAX 448) or ``float8_e4m3fnuz`` (FMAX 240). MXFP4 (a
+        block type with a ``float4_e2m1fn_x2``/``uint8`` output): ``[m, n1 // 2]`` packed nibbles.
+    q_out_scale : Tensor, optional
+        float32 ``[m, n1 // group_size]`` (FP8 block), ``[m, 1]`` (per token), one element
+        (per tensor), or uint8/``float8_e8m0fnu`` ``[m, n1 // group_size]`` (MXFP4). With
+        ``transpose_scale`` the FP8 block scales are stored column-major (SPEC §4 rule 9).
+    q : Tensor
+        ``[m, n1]`` fp16/bf16, unit column stride, any row stride >= n1 (split views work).
+    q_weight : Tensor
+        ``[n1]``, q's dtype.
+    q_epsilon : float
+        Epsilon of q's norm (and k's when ``k_epsilon`` is None).
+    q_out_unquantized : Tensor, optional
+        ``[m, n1]`` q's dtype: receives the normalized q in every mode.
+    k_out, k, k_weight : Tensor, optional
+        ``[m, n2]``, ``[m, n2]``, ``[n2]`` in q's dtype; all three or none (q-only call).
+    k_epsilon : float, optional
+        Epsilon of k's norm; None uses ``q_epsilon``.
+    q_residual, q_res_out : Tensor, optional
+        ``[m, n1]`` q's dtype: ``q + q_residual`` is normalized and written to ``q_res_out``.
+    gemma_norm : bool
+        Multiply by ``1 + weight`` (fp32) instead of ``weight``.
+    quant_type : QuantType
+        ``No``, ``per_Tensor``, ``per_Token``, ``per_1x32`` (group 32), ``per_1x128``,
+        ``per_128x128``, ``per_256x128``, ``per_1024x128`` (group 128).
+    group_size : int, optional
+        Overrides the group size implied by ``quant_type`` (a power of two dividing n1;
+        32/64/128 for MXFP4).
+    transpose_scale : bool
+        Column-major FP8 block scales.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before anything is written, for any argument outside SPEC §3 (message names it).
+    """
+    qt = _quant_type(quant_type)
+    if qt is QuantType.No:
+        if q_out_scale is not None:
+            raise ValueError("q_out_scale must be None with quant_type=QuantType.No, got a tensor")
+        q_out, q_out_name, q_out_copy = q_out_quantized, "q_out_quantized", q_out_unquantized
+        if q_out is None:
+            q_out, q_out_name, q_out_copy = q_out_unquantized, "q_out_unquantized", None
+        if q_out is None:
+            raise ValueError("q_out_quantized must be given with quant_type=QuantType.No (it receives the normalized q)")
+        req = build_request(
+            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
+            k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
+            mode=QuantMode.NONE, q_out=q_out, q_out_name=q_out_name, q_out_copy=q_out_copy,
+            transpose_scale=transpose_scale,
+        )  # fmt: skip
+    else:
+        if qt is QuantType.per_Tensor:
+            mode, gs = QuantMode.FP8_TENSOR, None
+        elif qt is QuantType.per_Token:
+            mode, gs = QuantMode.FP8_TOKEN, None
+        else:
+            mode = _block_mode(q_out_quantized)
+            gs = _QUANT_TYPE_GROUP[qt] if group_size is None else group_size
+        req = build_request(
+            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
+            k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
+            mode=mode, group_size=gs, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
+            q_out_scale=q_out_scale, transpose_scale=transpose_scale,
+        )  # fmt: skip
+    run_request(req)
+
+
+def fused_qk_rmsnorm_group_quant(
+    q_out_quantized: torch.Tensor | None,
+    q_out_scale: torch.Tensor | None,
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_epsilon: float = 1e-6,
+    q_out_unquantized: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+    q_res_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    k_epsilon: float | None = None,
+    q_residual: torch.Tensor | None = None,
+    group_size: int = 128,
+    transpose_scale: bool = False,
+    gemma_norm: bool = False,
+) -> None:
+    """aiter's ``fused_qk_rmsnorm_group_quant``: norm q (and k), quantize q per 1 x group_size.
+
+    FP8 when ``q_out_quantized`` is ``float8_e4m3fn``/``float8_e4m3fnuz`` (scales float32
+    ``[m, n1 // group_size]``, column-major with ``transpose_scale``); MXFP4 when it is
+    ``float4_e2m1fn_x2``/``uint8`` ``[m, n1 // 2]`` (scales E8M0 bytes, group 32/64/128).
+    ``q_out_scale=None`` means no quantization: the normalized q goes to ``q_out_unquantized``
+    (and ``q_out_quantized`` must then be None). Other arguments as in :func:`fused_qk_rmsnorm`.
+    """
+    if q_out_scale is None:
+        if q_out_quantized is not None:
+            raise ValueError("q_out_quantized must be None when q_out_scale is None (no-quant mode)")
+        if q_out_unquantized is None:
+            raise ValueError("q_out_unquantized must be given when q_out_scale is None (no-quant mode)")
+        if transpose_scale:
+            raise ValueError("transpose_scale=True needs q_out_scale, got None (no-quant mode)")
+        mode = QuantMode.NONE
+    else:
+        mode = _block_mode(q_out_quantized)
+    req = build_request(
+        q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
+        k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
+        mode=mode, group_size=group_size, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
+        q_out_scale=q_out_scale, transpose_scale=transpose_scale,
+    )  # fmt: skip
+    run_request(req)
+
+
+def fused_qk_rmsnorm_per_token_quant(
+    q_out_quantized: torch.Tensor,
+    q_out_scale: torch.Tensor,
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_epsilon: float,
+    q_out_unquantized: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+    q_res_out: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    k_epsilon: float | None = None,
+    q_residual: torch.Tensor | None = None,
+    gemma_norm: bool = False,
+) -> None:
+    """aiter's ``fused_qk_rmsnorm_per_token_quant``: FP8 q with one float32 scale per row.
+
+    ``q_out_quantized [m, n1]`` FP8, ``q_out_scale [m, 1]`` float32; other arguments as in
+    :func:`fused_qk_rmsnorm`.
+    """
+    req = build_request(
+        q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
+        k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
+        mode=QuantMode.FP8_TOKEN, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
+        q_out_scale=q_out_scale,
+    )  # fmt: skip
+    run_request(req)
+
+
+def fused_qk_rmsnorm_legacy(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_eps: float,
+    k: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    k_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pre-v0.1.14 public aiter signature: six positional arguments, fresh outputs.
+
+    Returns ``(q_out [m, n1], k_out [m, n2])``, new contiguous tensors in q's dtype that
+    alias nothing (``k_out`` is None when ``k`` is None).
+    """
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q is None:
+        raise TypeError("q must be a torch.Tensor, got NoneType")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    req = build_request(
+        q=q, q_weight=q_weight, q_epsilon=q_eps, k=k, k_weight=k_weight, k_epsilon=k_eps, k_out=k_out,
+        q_out=q_out,
+    )  # fmt: skip
+    run_request(req)
+    return q_out, k_out
+
+
+class QKNormOutput(NamedTuple):
+    """Result of :func:`qk_rmsnorm` (fields not produced by the call are None).
+
+    q : the normalized q (q's dtype) without quantization; else the quantized q: FP8 codes
+        ``[..., n1]`` or MXFP4 packed nibbles ``[..., n1 // 2]`` uint8 (view as
+        ``torch.float4_e2m1fn_x2`` for FP4 GEMMs).
+    q_scale : float32 ``[..., n1 // group_size]`` (FP8 group; a column-major ``[m, G]`` view
+        with ``transpose_scale``), ``[..., 1]`` (per token), ``[1]`` (per tensor), or E8M0
+        bytes ``[..., n1 // group_size]`` uint8 (MXFP4).
+    k : the normalized k (k's shape and dtype).
+    q_unquantized : the normalized q in q's dtype, when asked for with quantization.
+    q_residual_out : ``q + q_residual`` rounded to q's dtype, when a residual was given.
+    """
+
+    q: torch.Tensor
+    q_scale: torch.Tensor | None
+    k: torch.Tensor | None
+    q_unquantized: torch.Tensor | None
+    q_residual_out: torch.Tensor | None
+
+
+_QUANT_NAMES = {
+    None: QuantMode.NONE,
+    "none": QuantMode.NONE,
+    "fp8_group": QuantMode.FP8_GROUP,
+    "fp8_token": QuantMode.FP8_TOKEN,
+    "fp8_tensor": QuantMode.FP8_TENSOR,
+    "mxfp4": QuantMode.MXFP4,
+}
+
+
+def _rows(name: str, t: object, lead: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``t [..., n]`` as a 2-D ``[m, n]`` tensor (a view when strides allow, else a copy)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if lead is not None and tuple(t.shape[:-1]) != lead:
+        raise ValueError(f"{name} must have q's leading dimensions {list(lead)}, got shape {list(t.shape)}")
+    return t.reshape(-1, t.shape[-1])
+
+
+def qk_rmsnorm(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    k: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    *,
+    q_epsilon: float = 1e-6,
+    k_epsilon: float | None = None,
+    q_residual: torch.Tensor | None = None,
+    gemma_norm: bool = False,
+    quant: str | None = None,
+    group_size: int | None = None,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    transpose_scale: bool = False,
+    return_unquantized: bool = False,
+) -> QKNormOutput:
+    """Fused RMSNorm of q (and k) over the last dimension, optionally quantizing q.
+
+    Allocates and returns its outputs; accepts any leading dimensions (per-head QK norm:
+    ``[tokens, heads, head_dim]`` is normalized over ``head_dim``).
+
+    Parameters
+    ----------
+    q : Tensor
+        ``[..., n1]`` fp16 or bf16.
+    q_weight : Tensor
+        ``[n1]``, q's dtype.
+    k, k_weight : Tensor, optional
+        ``[..., n2]`` with q's leading dimensions, and ``[n2]``.
+    q_epsilon, k_epsilon : float
+        Epsilons (``k_epsilon=None`` uses ``q_epsilon``).
+    q_residual : Tensor, optional
+        ``[..., n1]``: normalize ``q + q_residual`` and also return the rounded sum.
+    gemma_norm : bool
+        Multiply by ``1 + weight``.
+    quant : {None, "fp8_group", "fp8_token", "fp8_tensor", "mxfp4"}
+        Quantization of the normalized q.
+    group_size : int, optional
+        Columns per scale: default 128 for ``fp8_group``, 32 for ``mxfp4``.
+    fp8_dtype : torch.dtype
+        ``torch.float8_e4m3fn`` (FMAX 448) or ``torch.float8_e4m3fnuz`` (FMAX 240).
+    transpose_scale : bool
+        Column-major FP8 group scales (``q_scale`` is then an ``[m, G]`` view of a ``[G, m]`` buffer).
+    return_unquantized : bool
+        Also return the normalized q in q's dtype when quantizing.
+
+    Returns
+    -------
+    QKNormOutput
+        ``(q, q_scale, k, q_unquantized, q_residual_out)``.
+    """
+    if quant not in _QUANT_NAMES:
+        raise ValueError(f"quant must be one of {list(_QUANT_NAMES)}, got {quant!r}")
+    mode = _QUANT_NAMES[quant]
+    q2 = _rows("q", q)
+    lead = tuple(q.shape[:-1])
+    m, n1 = q2.shape
+    k2 = None if k is None else _rows("k", k, lead)
+    res2 = None if q_residual is None else _rows("q_residual", q_residual, lead)
+    alloc = {"dtype": q2.dtype, "device": q2.device}
+
+    q_out = torch.empty_like(q2) if (mode is QuantMode.NONE or return_unquantized) else None
+    k_out = None if k2 is None else torch.empty(k2.shape, **alloc)  # type: ignore[arg-type]
+    res_out = None if res2 is None else torch.empty(res2.shape, **alloc)  # type: ignore[arg-type]
+    quant_t = scale = None
+    gs = group_size
+    if mode is not QuantMode.NONE:
+        dev = q2.device
+        if mode is QuantMode.MXFP4:
+            gs = 32 if group_size is None else group_size
+            quant_t = torch.empty((m, n1 // 2), dtype=torch.uint8, device=dev)
+            groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
+            scale = torch.empty((m, groups), dtype=torch.uint8, device=dev)
+        else:
+            if not isinstance(fp8_dtype, torch.dtype):
+                raise TypeError(f"fp8_dtype must be a torch.dtype, got {type(fp8_dtype).__name__}")
+            quant_t = torch.empty((m, n1), dtype=fp8_dtype, device=dev)
+            if mode is QuantMode.FP8_GROUP:
+                gs = 128 if group_size is None else group_size
+                groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
+                scale = (
+                    torch.empty((groups, m), dtype=torch.float32, device=dev).t()
+                    if transpose_scale
+                    else torch.empty((m, groups), dtype=torch.float32, device=dev)
+                )
+            elif mode is QuantMode.FP8_TOKEN:
+                scale = torch.empty((m, 1), dtype=torch.float32, device=dev)
+            else:
+                scale = torch.empty((1,), dtype=torch.float32, device=dev)
+
+    req = build_request(
+        q=q2, q_weight=q_weight, q_epsilon=q_epsilon, k=k2, k_weight=k_weight, k_epsilon=k_epsilon,
+        k_out=k_out, q_residual=res2, q_res_out=res_out, gemma_norm=gemma_norm, mode=mode,
+        group_size=gs, q_out=q_out, q_out_quantized=quant_t, q_out_scale=scale,
+        transpose_scale=transpose_scale,
+    )  # fmt: skip
+    run_request(req)
+
+    def shaped(t: torch.Tensor | None, cols: int | None = None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.reshape(*lead, t.shape[-1] if cols is None else cols)
+
+    if mode is QuantMode.NONE:
+        q_main = shaped(q_out)
+    else:
+        q_main = shaped(quant_t)
+    if scale is not None and mode is not QuantMode.FP8_TENSOR and not transpose_scale:
+        scale = shaped(scale)
+    return QKNormOutput(
+        q=q_main,  # type: ignore[arg-type]
+        q_scale=scale,
+        k=None if k_out is None or k is None else k_out.reshape(k.shape),
+        q_unquantized=shaped(q_out) if mode is not QuantMode.NONE else None,
+        q_residual_out=shaped(res_out),
+    )

@@ -1,0 +1,1 @@
+"""Interchangeable implementations of SPEC §4 and the policy choosing between them."""

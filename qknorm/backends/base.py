@@ -1,0 +1,37 @@
+"""The backend protocol: capability as data (``available``, ``supports``), then ``run``."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..request import QKNormRequest
+
+__all__ = ["Backend", "BackendUnavailable"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend failed on first use in a way that makes it unusable (e.g. a JIT build failure).
+
+    Raised from ``Backend.run`` only for such first-use failures: the selector then marks the
+    backend unavailable with this reason, warns once and moves on. Any other exception raised
+    by ``run`` propagates to the caller unchanged.
+    """
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One implementation of SPEC §4.
+
+    ``available()`` is static for the process (library importable, platform, signature): it
+    is probed on first use, cached, and returns ``(ok, reason)``. ``supports(req)`` returns
+    ``None`` when this backend can serve the request, else a human-readable reason; it must
+    depend only on what :meth:`QKNormRequest.key` captures. ``run(req)`` writes the outputs.
+    """
+
+    name: str
+
+    def available(self) -> tuple[bool, str]: ...
+
+    def supports(self, req: QKNormRequest) -> str | None: ...
+
+    def run(self, req: QKNormRequest) -> None: ...
