@@ -37,7 +37,9 @@ def _quant_type(value: object) -> QuantType:
     try:
         return QuantType(int(value))
     except ValueError:
-        raise ValueError(f"quant_type must be one of {[f'{t.name}={t.value}' for t in QuantType]}, got {value!r}") from None
+        raise ValueError(
+            f"quant_type must be one of {[f'{t.name}={t.value}' for t in QuantType]}, got {value!r}"
+        ) from None
 
 
 def _block_mode(q_out_quantized: object) -> QuantMode:
@@ -115,7 +117,9 @@ def fused_qk_rmsnorm(
         if q_out is None:
             q_out, q_out_name, q_out_copy = q_out_unquantized, "q_out_unquantized", None
         if q_out is None:
-            raise ValueError("q_out_quantized must be given with quant_type=QuantType.No (it receives the normalized q)")
+            raise ValueError(
+                "q_out_quantized must be given with quant_type=QuantType.No (it receives the normalized q)"
+            )
         req = build_request(
             q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
             k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
@@ -341,11 +345,9 @@ def qk_rmsnorm(
     m, n1 = q2.shape
     k2 = None if k is None else _rows("k", k, lead)
     res2 = None if q_residual is None else _rows("q_residual", q_residual, lead)
-    alloc = {"dtype": q2.dtype, "device": q2.device}
-
     q_out = torch.empty_like(q2) if (mode is QuantMode.NONE or return_unquantized) else None
-    k_out = None if k2 is None else torch.empty(k2.shape, **alloc)  # type: ignore[arg-type]
-    res_out = None if res2 is None else torch.empty(res2.shape, **alloc)  # type: ignore[arg-type]
+    k_out = None if k2 is None else torch.empty(k2.shape, dtype=q2.dtype, device=q2.device)
+    res_out = None if res2 is None else torch.empty(res2.shape, dtype=q2.dtype, device=q2.device)
     quant_t = scale = None
     gs = group_size
     if mode is not QuantMode.NONE:

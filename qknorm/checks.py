@@ -49,9 +49,7 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
 
 
-def _check_rows(
-    name: str, t: torch.Tensor, m: int, n: int, dtype: torch.dtype | tuple[torch.dtype, ...]
-) -> None:
+def _check_rows(name: str, t: torch.Tensor, m: int, n: int, dtype: torch.dtype | tuple[torch.dtype, ...]) -> None:
     """``t`` is ``[m, n]`` of ``dtype`` with unit column stride and row stride >= n."""
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     if t.dtype not in dtypes:
@@ -147,12 +145,7 @@ def _overlaps(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return (
-        x.data_ptr() == y.data_ptr()
-        and x.shape == y.shape
-        and x.stride() == y.stride()
-        and x.dtype == y.dtype
-    )
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
 
 
 def _check_aliasing(
@@ -272,8 +265,8 @@ def build_request(
 
     # q_residual needs q_res_out (and the other way round).
     if (q_residual is None) != (q_res_out is None):
-        given, missing = ("q_residual", "q_res_out") if q_residual is not None else ("q_res_out", "q_residual")
-        raise ValueError(f"q_residual and q_res_out come together: got {given} without {missing}")
+        pair = ("q_residual", "q_res_out") if q_residual is not None else ("q_res_out", "q_residual")
+        raise ValueError(f"q_residual and q_res_out come together: got {pair[0]} without {pair[1]}")
     if q_residual is not None:
         q_residual = _tensor("q_residual", q_residual)
         q_res_out = _tensor("q_res_out", q_res_out)
@@ -311,8 +304,8 @@ def build_request(
             raise ValueError(f"{q_out_name} must be given: without quantization it receives the normalized q")
     else:
         if q_out_quantized is None or q_out_scale is None:
-            missing = "q_out_quantized" if q_out_quantized is None else "q_out_scale"
-            raise ValueError(f"{missing} must be given for {mode.value} quantization")
+            absent = "q_out_quantized" if q_out_quantized is None else "q_out_scale"
+            raise ValueError(f"{absent} must be given for {mode.value} quantization")
         quant = _tensor("q_out_quantized", q_out_quantized)
         scale = _tensor("q_out_scale", q_out_scale)
         _check_device("q_out_quantized", quant, device)
@@ -341,13 +334,19 @@ def build_request(
         elif mode is QuantMode.FP8_TENSOR:
             gs = n1
             if scale.numel() != 1 or scale.dim() > 2:
-                raise ValueError(f"q_out_scale must have one element (shape [1] or [1, 1]) for per-tensor FP8, got shape {list(scale.shape)}")
+                raise ValueError(
+                    f"q_out_scale must have one element (shape [1] or [1, 1]) for per-tensor FP8, got shape {list(scale.shape)}"
+                )
             scale = scale.view(1)
         elif mode is QuantMode.MXFP4:
             if not is_fp4_dtype(quant.dtype):
-                raise TypeError(f"q_out_quantized must have dtype torch.float4_e2m1fn_x2 or torch.uint8 for MXFP4, got {quant.dtype}")
+                raise TypeError(
+                    f"q_out_quantized must have dtype torch.float4_e2m1fn_x2 or torch.uint8 for MXFP4, got {quant.dtype}"
+                )
             if not is_e8m0_dtype(scale.dtype):
-                raise TypeError(f"q_out_scale must have dtype torch.uint8 or torch.float8_e8m0fnu for MXFP4, got {scale.dtype}")
+                raise TypeError(
+                    f"q_out_scale must have dtype torch.uint8 or torch.float8_e8m0fnu for MXFP4, got {scale.dtype}"
+                )
             if n1 % 2:
                 raise ValueError(f"MXFP4 needs an even n1 (two values per byte), got n1={n1}")
             gs = _check_group_size("group_size", 32 if group_size is None else group_size, n1, MXFP4_GROUP_SIZES)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     # Must be set before any Triton kernel is imported (the interpreter is chosen at decoration).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qknorm.backends import registry  # noqa: E402
+from qknorm.backends import registry
 
 
 @pytest.fixture(autouse=True)
