@@ -1,0 +1,282 @@
+"""Backend ``triton``: launcher and launch heuristics for :mod:`qknorm.backends.triton_kernels`.
+
+One launch normalizes q rows and k rows together (per-tensor FP8 takes two: a first launch
+reduces the amax of y over all of q, the second quantizes with it). Everything that does not
+depend on the row count is worked out once per request key (:class:`_Plan`); the launch
+configuration is chosen per (key, M bucket) from the shape alone, never by autotuning, so a
+call costs a dict lookup and one kernel launch. Triton is imported on first use only.
+
+Heuristics
+----------
+- Tile: ``[rows, groups, group]`` with the quantization group as the last axis (so group
+  maxima are reductions within a thread and a few lanes), or ``[rows, 1, next_pow2(n)]``.
+  Rows whose padded width exceeds ``_MAX_SINGLE`` columns are processed one per program in
+  ``_CHUNK``-column passes (sum of squares, [span amax], write), re-reading the row from L2.
+- Decode (M <= 256): one q row per program, k rows packed so a k program's tile matches a q
+  program's; warps so that each thread holds ``_EPT_DECODE`` elements: every load is issued
+  before the first reduction and the row's latency is one memory round trip.
+- Prefill: several rows per program (tile of about ``_TILE_PREFILL`` elements), 16-byte
+  vectors (strides and widths divisible by 16 elements are specialized by Triton), warps for
+  ``_EPT_PREFILL`` elements per thread.
+
+Measured (NVIDIA H100 80GB HBM3, triton 3.6.0, torch 2.11.0+cu130): see the notes block at
+``_DECODE_MAX_M`` below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..quant import QuantMode, fp8_inv_max, fp8_max
+from ..request import QKNormRequest
+from .base import BackendUnavailable
+
+__all__ = ["TritonBackend"]
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- heuristics
+# Notes (H100 80GB HBM3, DeepSeek q [M,1536] + k [M,512] bf16): filled in from
+# benchmarks/gpu_check_triton.py; see the module docstring for the reasoning.
+_DECODE_MAX_M = 256
+# Row-count buckets: each gets its own launch configuration (and compiled variant).
+_BUCKETS = (1, 16, 256, 2048, 16384)
+_MAX_SINGLE = 8192  # widest padded row kept whole in registers
+_CHUNK = 4096  # columns per pass for wider rows
+_EPT_DECODE = 16  # elements per thread at decode sizes
+_EPT_PREFILL = 16  # elements per thread at prefill sizes
+_TILE_PREFILL = 4096  # elements per program at prefill sizes
+_AMAX_PROGRAMS = 512  # programs of the per-tensor amax launch (the partials every program re-reads)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _bucket(m: int) -> int:
+    """Index of the row-count bucket of ``m`` (the upper bounds are ``_BUCKETS``)."""
+    for i, hi in enumerate(_BUCKETS):
+        if m <= hi:
+            return i
+    return len(_BUCKETS)
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Launch configuration of one (key, M bucket)."""
+
+    q_rows: int
+    k_rows: int
+    num_warps: int
+
+
+@dataclass
+class _Plan:
+    """Everything about a request key that does not depend on M."""
+
+    n1: int
+    n2: int
+    q_block: int  # padded q width (single) or chunk width (chunked)
+    q_chunked: bool
+    k_block: int
+    k_chunked: bool
+    constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
+    two_pass: bool  # per-tensor FP8: an amax launch first
+    fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
+    configs: dict[int, _Config] = field(default_factory=dict)
+
+
+def _config(plan: _Plan, bucket: int) -> _Config:
+    """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule)."""
+    m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
+    if plan.q_chunked:
+        q_rows, q_tile = 1, plan.q_block
+    elif m_hi <= _DECODE_MAX_M:
+        q_rows, q_tile = 1, plan.q_block
+    else:
+        q_rows = max(1, min(_TILE_PREFILL // plan.q_block, m_hi))
+        q_tile = q_rows * plan.q_block
+    ept = _EPT_DECODE if m_hi <= _DECODE_MAX_M else _EPT_PREFILL
+    num_warps = max(1, min(16, q_tile // (32 * ept)))
+    k_rows = 1 if plan.k_chunked else max(1, min(q_tile // plan.k_block, _next_pow2(m_hi)))
+    return _Config(q_rows=q_rows, k_rows=k_rows, num_warps=num_warps)
+
+
+# ---------------------------------------------------------------------------- the backend
+
+
+class TritonBackend:
+    """SPEC §4 in Triton kernels: every mode, one launch for q and k (two for per-tensor FP8)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[object, ...], _Plan] = {}
+        self._interpret = False
+        self._kernels: Any = None
+
+    # -- capability
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import triton
+        except Exception as exc:  # any import failure means unavailable
+            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+        self._interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if self._interpret:
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+        if torch.cuda.is_available():
+            return True, f"triton {triton.__version__} on a GPU"
+        return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+
+    def supports(self, req: QKNormRequest) -> str | None:
+        dev = req.device.type
+        if dev == "cuda" or (dev == "cpu" and self._interpret):
+            return None
+        if dev == "cpu":
+            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+        return f"device type {dev} is not supported by the Triton backend"
+
+    def warmup_sizes(self, max_m: int) -> list[int]:
+        """One row count per launch-configuration bucket up to ``max_m`` (compile each before capture)."""
+        sizes: list[int] = []
+        lo = 1
+        for hi in (*_BUCKETS, None):
+            if lo > max_m:
+                break
+            sizes.append(max_m if hi is None else min(hi, max_m))
+            if hi is not None:
+                lo = hi + 1
+        return sizes
+
+    # -- planning
+
+    def _plan(self, req: QKNormRequest, key: tuple[object, ...]) -> _Plan:
+        if self._kernels is None:
+            from . import triton_kernels
+
+            self._kernels = triton_kernels
+        kn = self._kernels
+        n1, n2, mode, gs = req.n1, req.n2, req.mode, req.group_size
+        q_chunked = _next_pow2(n1) > _MAX_SINGLE
+        q_block = _CHUNK if q_chunked else _next_pow2(n1)
+        k_chunked = n2 > 0 and _next_pow2(n2) > _MAX_SINGLE
+        k_block = _CHUNK if k_chunked else max(1, _next_pow2(n2))
+
+        span = n1
+        if mode is QuantMode.FP8_GROUP and gs <= q_block:
+            q_mode, q_gs = kn.Q_GROUP.value, gs
+        elif mode is QuantMode.FP8_GROUP:  # groups wider than a chunk: one scale per span
+            q_mode, q_gs, span = kn.Q_ROW.value, q_block, gs
+        elif mode is QuantMode.FP8_TOKEN:
+            q_mode, q_gs = kn.Q_ROW.value, q_block
+        elif mode is QuantMode.FP8_TENSOR:
+            q_mode, q_gs = kn.Q_TENSOR.value, q_block
+        elif mode is QuantMode.MXFP4:
+            q_mode, q_gs = kn.Q_MXFP4.value, gs
+        else:
+            q_mode, q_gs = kn.Q_NONE.value, q_block
+
+        native_cast = req.device.type == "cuda" and torch.version.hip is None and not self._interpret
+        quant_dtype = req.quant_dtype
+        fnuz = quant_dtype == torch.float8_e4m3fnuz
+        native_fp8 = False
+        if native_cast and quant_dtype == torch.float8_e4m3fn:
+            native_fp8 = torch.cuda.get_device_capability(req.device) >= (8, 9)
+        is_fp8 = mode.is_fp8
+        constexprs: dict[str, Any] = dict(
+            N1=n1, N2=max(n2, 1), Q_SPAN=span,
+            Q_NG=q_block // q_gs, Q_GS=q_gs, Q_CHUNKED=q_chunked,
+            K_BLOCK=k_block, K_CHUNKED=k_chunked,
+            HAS_K=req.has_k, HAS_RES=req.q_residual is not None, HAS_Q_OUT=req.q_out is not None,
+            GEMMA=req.gemma, Q_MODE=q_mode,
+            FMAX=fp8_max(quant_dtype) if is_fp8 else 448.0,  # type: ignore[arg-type]
+            INV_FMAX=fp8_inv_max(quant_dtype) if is_fp8 else 1.0 / 448.0,  # type: ignore[arg-type]
+            FNUZ=fnuz, AMAX_BLOCK=_AMAX_PROGRAMS,
+            NATIVE_FP8=native_fp8, NATIVE_CAST=native_cast,
+        )  # fmt: skip
+        plan = _Plan(
+            n1=n1, n2=n2, q_block=q_block, q_chunked=q_chunked, k_block=k_block, k_chunked=k_chunked,
+            constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
+            fnuz_view=fnuz,
+        )  # fmt: skip
+        self._plans[key] = plan
+        return plan
+
+    # -- launching
+
+    def run(self, req: QKNormRequest) -> None:
+        m = req.q.shape[0]
+        if m == 0:
+            return
+        key = req.key()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(req, key)
+        bucket = _bucket(m)
+        cfg = plan.configs.get(bucket)
+        if cfg is None:
+            cfg = plan.configs[bucket] = _config(plan, bucket)
+        self._launch(req, plan, cfg)
+
+    def _launch(self, req: QKNormRequest, plan: _Plan, cfg: _Config) -> None:
+        """Launch the kernel(s) for ``req`` with configuration ``cfg``."""
+        m = req.q.shape[0]
+        q = req.q
+        res, q_out, res_out, k, k_out = req.q_residual, req.q_out, req.q_res_out, req.k, req.k_out
+        quant, scale = req.q_quant, req.q_scale
+        if quant is not None and plan.fnuz_view:
+            quant = quant.view(torch.uint8)
+        q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
+        k_programs = 0 if k is None else (m if plan.k_chunked else -(-m // cfg.k_rows))
+        args = [
+            q, q.stride(0),
+            q if res is None else res, 0 if res is None else res.stride(0),
+            req.q_weight,
+            q if q_out is None else q_out, 0 if q_out is None else q_out.stride(0),
+            q if res_out is None else res_out, 0 if res_out is None else res_out.stride(0),
+            q if quant is None else quant, 0 if quant is None else quant.stride(0),
+            q if scale is None else scale,
+            0 if scale is None else scale.stride(0),
+            0 if scale is None or scale.dim() < 2 else scale.stride(1),
+            q if k is None else k, 0 if k is None else k.stride(0),
+            req.q_weight if k is None else req.k_weight,
+            q if k_out is None else k_out, 0 if k_out is None else k_out.stride(0),
+        ]  # fmt: skip
+        ce = plan.constexprs
+        kernel = self._kernels._qk_rmsnorm_kernel
+        try:
+            if plan.two_pass:
+                amax_programs = min(q_programs, _AMAX_PROGRAMS)
+                partials = torch.empty(amax_programs, dtype=torch.int32, device=q.device)
+                kernel[(amax_programs,)](
+                    *args, partials, amax_programs, m, req.q_eps, req.k_eps, amax_programs, 0,
+                    Q_ROWS=cfg.q_rows, K_ROWS=cfg.k_rows, num_warps=cfg.num_warps,
+                    **{**ce, "Q_MODE": self._kernels.Q_AMAX.value, "HAS_K": False},
+                )  # fmt: skip
+                amax_args: tuple[Any, int] = (partials, amax_programs)
+            else:
+                amax_args = (q, 0)
+            kernel[(q_programs + k_programs,)](
+                *args, *amax_args, m, req.q_eps, req.k_eps, q_programs, k_programs,
+                Q_ROWS=cfg.q_rows, K_ROWS=cfg.k_rows, num_warps=cfg.num_warps, **ce,
+            )  # fmt: skip
+        except Exception as exc:
+            if _is_build_failure(exc):
+                raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
+            raise
+
+
+def _is_build_failure(exc: BaseException) -> bool:
+    """Compilation / resource failures (not interpreter or runtime errors): the backend cannot serve."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+    except ImportError:
+        return False
+    return isinstance(exc, (CompilationError, OutOfResources, PTXASError))
