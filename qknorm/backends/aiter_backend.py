@@ -544,14 +544,14 @@ class AiterBackend:
                 return f"aiter needs widths that are multiples of {_WIDTH_MULTIPLE}, {name}={width}"
         fp8 = self._fp8(dev) if req.mode.is_fp8 else None
         fp4x2 = self._caps.fp4x2 if self._caps is not None else None
-        reasons = []
+        reasons: dict[str, list[str]] = {}  # reason -> generations giving it
         for adapter in self._adapters:
             why = adapter.supports(req, fp8, fp4x2)
             if why is None:
                 self._routes[req.key()] = adapter
                 return None
-            reasons.append(f"{adapter.generation}: {why}")
-        return "; ".join(reasons)
+            reasons.setdefault(why, []).append(adapter.generation)
+        return "; ".join(f"{', '.join(gens)}: {why}" for why, gens in reasons.items())
 
     def run(self, req: QKNormRequest) -> None:
         """Call the bound generation serving ``req``; a first-use build failure raises BackendUnavailable."""
@@ -575,6 +575,8 @@ class AiterBackend:
         """What the probe found: aiter's version and location, each bound generation, what did not bind."""
         self._probe()
         info: dict[str, str] = {}
+        if self._absent is not None:
+            return info
         if self._caps is not None:
             info["aiter"] = f"{self._caps.version} at {self._caps.location}"
             info["fp8 dtype"] = str(self._caps.fp8) if self._caps.fp8 is not None else "not reported"
