@@ -283,7 +283,8 @@ def targets_markdown(rows: Sequence[Row]) -> str:
 
 
 def plot(rows: Sequence[Row], path: Path) -> bool:
-    """Graph-replay time against M, one panel per mode (solid: contiguous, dashed: strided).
+    """Per mode (columns): graph-replay µs per call (top) and percent of the copy ceiling (bottom)
+    against M, one colour per impl, solid contiguous, dashed strided.
 
     Returns False (and logs why) when matplotlib is not importable.
     """
@@ -295,24 +296,32 @@ def plot(rows: Sequence[Row], path: Path) -> bool:
     except ImportError:
         logger.warning("matplotlib is not importable: no plot written (pip install matplotlib)")
         return False
-    modes = [mo for mo in MODES if any(r.mode == mo for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), squeeze=False)
-    first = rows[0] if rows else None
-    for ax, mode in zip(axes[0], modes):
+    modes = [mo for mo in MODES if any(r.mode == mo for r in rows)] or ["norm"]
+    colour = {impl: f"C{i}" for i, impl in enumerate(_impl_order(rows))}
+    fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.5), squeeze=False)
+    for col, mode in enumerate(modes):
         sel = [r for r in rows if r.mode == mode]
-        for idx, impl in enumerate(_impl_order(sel)):
-            for layout, style in (("contiguous", "-"), ("strided", "--")):
-                pts = sorted((r.m, r.graph_us) for r in sel if r.impl == impl and r.layout == layout and r.graph_us)
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{idx}",
-                            label=impl if layout == "contiguous" or len(LAYOUTS) == 1 else None)  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="M (rows)", ylabel="µs per call (CUDA graph)", title=mode)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    if first is not None:
-        fig.suptitle(f"qknorm {first.qknorm}: {first.gpu}, torch {first.torch}, triton {first.triton}, {first.date}"
-                     " (solid: contiguous, dashed: strided)", fontsize=9)  # fmt: skip
+        for ax, attr, label in ((axes[0][col], "graph_us", "µs per call (CUDA graph)"),
+                                (axes[1][col], "pct_of_copy", "% of device-copy bandwidth")):  # fmt: skip
+            for impl in _impl_order(sel):
+                labelled = False
+                for layout, style in (("contiguous", "-"), ("strided", "--")):
+                    pts = sorted((r.m, getattr(r, attr)) for r in sel
+                                 if r.impl == impl and r.layout == layout and getattr(r, attr) is not None)  # fmt: skip
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", ms=3, color=colour[impl],
+                                label=None if labelled else impl)  # fmt: skip
+                        labelled = True
+            ax.set(xscale="log", xlabel="M (rows)", ylabel=label, title=mode)
+            if attr == "graph_us":
+                ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    if rows:
+        r0 = rows[0]
+        fig.suptitle(f"qknorm {r0.qknorm}: {r0.gpu}, torch {r0.torch}, triton {r0.triton}, {r0.date} "
+                     "(solid: contiguous, dashed: strided views of [M, 2112])", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
