@@ -88,6 +88,7 @@ class _Plan:
     constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
     two_pass: bool  # per-tensor FP8: an amax launch first
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
+    device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
     configs: dict[int, _Config] = field(default_factory=dict)
 
 
@@ -177,8 +178,8 @@ class TritonBackend:
             q_mode, q_gs = kn.Q_ROW.value, q_block
         elif mode is QuantMode.FP8_TENSOR:
             q_mode, q_gs = kn.Q_TENSOR.value, q_block
-        elif mode is QuantMode.MXFP4:
-            q_mode, q_gs = kn.Q_MXFP4.value, gs
+        elif mode is QuantMode.MXFP4:  # groups of 32..128 always fit a chunk (shipped chunk: 4096)
+            q_mode, q_gs, q_block = kn.Q_MXFP4.value, gs, max(q_block, gs)
         else:
             q_mode, q_gs = kn.Q_NONE.value, q_block
 
@@ -203,7 +204,7 @@ class TritonBackend:
         plan = _Plan(
             n1=n1, n2=n2, q_block=q_block, q_chunked=q_chunked, k_block=k_block, k_chunked=k_chunked,
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
-            fnuz_view=fnuz,
+            fnuz_view=fnuz, device_index=req.device.index if req.device.type == "cuda" else None,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -222,7 +223,12 @@ class TritonBackend:
         cfg = plan.configs.get(bucket)
         if cfg is None:
             cfg = plan.configs[bucket] = _config(plan, bucket)
-        self._launch(req, plan, cfg)
+        dev = plan.device_index
+        if dev is not None and dev != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                self._launch(req, plan, cfg)
+        else:
+            self._launch(req, plan, cfg)
 
     def _launch(self, req: QKNormRequest, plan: _Plan, cfg: _Config) -> None:
         """Launch the kernel(s) for ``req`` with configuration ``cfg``."""

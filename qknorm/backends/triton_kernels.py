@@ -287,7 +287,7 @@ def _row_chunked(
             amax_bits = tl.maximum(amax_bits, span_bits)
             if Q_MODE == Q_ROW:
                 span_scale = tl.maximum(span_bits, AMAX_FLOOR_BITS).to(tl.float32, bitcast=True) * INV_FMAX
-                tl.store(SCALE_PTR + row.to(tl.int64) * scale_stride_m + (s // SPAN).to(tl.int64) * scale_stride_g,
+                tl.store(SCALE_PTR + row.to(tl.int64) * scale_stride_m + tl.cast(s // SPAN, tl.int64) * scale_stride_g,
                          span_scale)  # fmt: skip
         if Q_MODE != Q_AMAX:
             for c in range(s, s + SPAN, CH):

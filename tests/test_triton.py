@@ -1,0 +1,381 @@
+"""The Triton backend against the reference, every mode; CPU under TRITON_INTERPRET=1, GPU marked.
+
+Three layers:
+
+- The software number encoders of ``triton_kernels`` (FP8 e4m3fn / e4m3fnuz, bf16, E2M1)
+  through a tiny test kernel, bit for bit against torch's casts and the format tables of
+  ``tests/_cases.py`` (on a GPU also the hardware conversions the kernels use there).
+- Whole calls through the public API with ``QKNORM_BACKEND=triton`` (``_cases.run_case``:
+  sentinel-padded outputs, strided and offset inputs, every entry and mode), once with the
+  shipped tile limits and once with tiny ones that force the multi-pass (chunked) row path.
+- The backend directly: in-place forms, M = 0, warm-up buckets, capability answers.
+
+The GPU suite (``@pytest.mark.gpu``) repeats this at real sizes: DeepSeek's ``[T, 2112]``
+split views up to T = 65536 and widths up to 16384.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from _cases import DEVICE, FP8_FORMATS, Case, e2m1_encode, run_case
+
+from qknorm.backends import registry
+from qknorm.backends import triton_backend as tb
+from qknorm.backends.triton_backend import TritonBackend
+from qknorm.checks import build_request
+from qknorm.quant import QuantMode, QuantType
+from qknorm.reference import qk_rmsnorm_reference
+from qknorm.testing import assert_norm_close
+
+triton = pytest.importorskip("triton")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from qknorm.backends import triton_kernels as tk  # noqa: E402  (after the interpreter choice)
+
+tl = triton.language
+ON_GPU = DEVICE.type == "cuda"
+NATIVE = ON_GPU and torch.version.hip is None
+
+
+@pytest.fixture
+def chunked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """``True``: tiny tile limits, so every row wider than 16 columns takes the multi-pass path."""
+    if request.param:
+        monkeypatch.setattr(tb, "_MAX_SINGLE", 16)
+        monkeypatch.setattr(tb, "_CHUNK", 16)
+    registry.reset()
+    yield request.param
+    registry.reset()
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+@triton.jit
+def _encode_kernel(X_PTR, FP8_PTR, BF16_PTR, E2M1_PTR, n, FNUZ: tl.constexpr, NATIVE: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X_PTR + offs, mask=mask, other=0.0)
+    tl.store(FP8_PTR + offs, tk._fp8_code(x, FNUZ, NATIVE and not FNUZ), mask=mask)
+    tl.store(BF16_PTR + offs, tk._to_out(x, BF16_PTR, NATIVE), mask=mask)
+    tl.store(E2M1_PTR + offs, tk._e2m1_code(x).to(tl.uint8), mask=mask)
+
+
+def _probe_values(fmax: float) -> torch.Tensor:
+    """Every FP8 grid value, every midpoint between neighbours (ties), their fp32 neighbours,
+    subnormals, signs, zeros, NaN, and random fp32 values across the range."""
+    grid = torch.tensor(sorted({abs(v) for v in FP8_FORMATS[torch.float8_e4m3fn].values}
+                               | {abs(v) for v in FP8_FORMATS[torch.float8_e4m3fnuz].values}),
+                        dtype=torch.float64)  # fmt: skip
+    mids = (grid[1:] + grid[:-1]) / 2
+    base = torch.cat((grid, mids, torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e-30, 3e-3])))
+    b32 = base.float()
+    up = torch.nextafter(b32, torch.full_like(b32, math.inf))
+    down = torch.nextafter(b32, torch.zeros_like(b32))
+    gen = torch.Generator().manual_seed(1)
+    rand = torch.exp(torch.empty(4000).uniform_(-14, 6, generator=gen)).float()
+    rand = rand * torch.where(torch.rand(4000, generator=gen) < 0.5, -1.0, 1.0)
+    vals = torch.cat((b32, up, down, -b32, -up, -down, rand, torch.tensor([0.0, -0.0, math.nan])))
+    return vals.clamp(-fmax, fmax)  # clamp keeps NaN; the kernels clamp before encoding
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("native", [False, True] if NATIVE else [False], ids=lambda n: "hw" if n else "sw")
+def test_encoders_match_torch_casts_bit_for_bit(fp8: torch.dtype, native: bool) -> None:
+    fmax = FP8_FORMATS[fp8].fmax
+    x = _probe_values(fmax).to(DEVICE)
+    n = x.numel()
+    codes = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    bf16 = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    e2m1 = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    _encode_kernel[(triton.cdiv(n, 1024),)](x, codes, bf16, e2m1, n, FNUZ=fp8 == torch.float8_e4m3fnuz,
+                                            NATIVE=native, BLOCK=1024)  # fmt: skip
+    x, codes, bf16, e2m1 = x.cpu(), codes.cpu(), bf16.cpu(), e2m1.cpu()
+    expected = x.to(fp8).view(torch.uint8)
+    nan = torch.isnan(x)
+    # torch's e4m3fn NaN keeps the input's sign bit; any NaN code is a NaN.
+    assert bool(torch.isnan(codes[nan].view(fp8).float()).all())
+    bad = (codes != expected) & ~nan
+    assert not bad.any(), (
+        f"fp8 codes differ for {x[bad][:8].tolist()}: {codes[bad][:8].tolist()} vs {expected[bad][:8].tolist()}"
+    )
+    table = torch.tensor([FP8_FORMATS[fp8].encode(v) for v in x.tolist()], dtype=torch.uint8)
+    assert torch.equal(codes[~nan], table[~nan])
+    exp_bf16 = x.to(torch.bfloat16)
+    assert torch.equal(bf16[~nan].view(torch.int16), exp_bf16[~nan].view(torch.int16))
+    assert bool(torch.isnan(bf16[nan].float()).all())
+    exp_e2m1 = torch.tensor([0 if math.isnan(v) else e2m1_encode(v) for v in x.tolist()], dtype=torch.uint8)
+    assert torch.equal(e2m1, exp_e2m1)
+
+
+# ----------------------------------------------------------------------------- whole calls
+
+_G = QuantType.per_1x128.value
+_CPU_CASES = [
+    Case(m=3, n1=64, n2=32),
+    Case(dtype="bfloat16", m=5, n1=97, n2=33, latent=True, in_pad=5, out_pad=3, out_offset=1),
+    Case(m=4, n1=1, n2=1),
+    Case(m=2, n1=3, residual=True, gemma=True),
+    Case(dtype="bfloat16", m=3, n1=130, n2=7, residual=True, q_eps=1e-3, k_eps=0.5),
+    Case(entry="legacy", m=3, n1=40, n2=24, in_pad=2),
+    Case(entry="functional", m=4, n1=48, n2=16, residual=True, gemma=True),
+    Case(entry="group", mode="none", m=2, n1=64, n2=64, out_pad=5),
+    Case(entry="unified", mode="none", m=2, n1=64, unquantized=True),
+    *[Case(entry="group", mode="fp8_group", group_size=g, m=2, n1=64, n2=16, seed=g) for g in (1, 2, 4, 8, 16, 32, 64)],
+    Case(
+        entry="unified",
+        mode="fp8_group",
+        quant_type=_G,
+        dtype="bfloat16",
+        m=3,
+        n1=256,
+        n2=64,
+        latent=True,
+        transpose="contiguous",
+        out_pad=2,
+    ),
+    Case(
+        entry="unified",
+        mode="fp8_group",
+        quant_type=QuantType.per_1x32.value,
+        m=5,
+        n1=96,
+        transpose="view",
+        fp8="float8_e4m3fnuz",
+        residual=True,
+        unquantized=True,
+        out_offset=3,
+    ),
+    Case(entry="group", mode="fp8_group", group_size=32, m=3, n1=64, fp8="float8_e4m3fnuz", gemma=True, in_pad=1),
+    Case(entry="token", mode="fp8_token", m=3, n1=100, n2=20, out_pad=4),
+    Case(entry="token", mode="fp8_token", m=2, n1=7, fp8="float8_e4m3fnuz", residual=True),
+    Case(entry="unified", mode="fp8_tensor", m=5, n1=64, n2=8, scale_2d=True, unquantized=True),
+    Case(entry="functional", mode="fp8_tensor", dtype="bfloat16", m=3, n1=33, fp8="float8_e4m3fnuz"),
+    Case(entry="group", mode="mxfp4", group_size=32, m=3, n1=128, n2=16, out_pad=1),
+    Case(entry="unified", mode="mxfp4", quant_type=_G, group_size=64, dtype="bfloat16", m=2, n1=128, fp4_dtypes=True),
+    Case(entry="functional", mode="mxfp4", group_size=128, m=2, n1=256, residual=True, gemma=True),
+    Case(entry="functional", mode="fp8_group", group_size=16, m=1, n1=32, n2=32, latent=True),
+    *[
+        Case(entry="group", mode="fp8_group", group_size=32, m=4, n1=64, n2=16, data=d, seed=3)
+        for d in ("zeros", "huge", "near_overflow", "tiny", "inf", "nan")
+    ],
+    *[
+        Case(entry="group", mode="mxfp4", group_size=32, dtype="bfloat16", m=4, n1=64, data=d, seed=5)
+        for d in ("zeros", "huge", "nan")
+    ],
+    Case(entry="token", mode="fp8_token", m=3, n1=48, data="inf", seed=2),
+    Case(entry="unified", mode="fp8_tensor", m=3, n1=48, data="nan", seed=2),
+]
+# The chunked path with 16-column chunks: spans wider than a chunk (group 32/64, per token,
+# per tensor), groups narrower than a chunk, MXFP4, k chunked too, widths not a chunk multiple.
+_CHUNKED_CASES = [
+    Case(m=3, n1=100, n2=40, latent=True, out_pad=3),
+    Case(dtype="bfloat16", m=2, n1=37, n2=5, residual=True, gemma=True),
+    *[Case(entry="group", mode="fp8_group", group_size=g, m=2, n1=64, n2=24, seed=g) for g in (4, 16, 32, 64)],
+    Case(
+        entry="group",
+        mode="fp8_group",
+        group_size=32,
+        m=3,
+        n1=96,
+        transpose="view",
+        fp8="float8_e4m3fnuz",
+        residual=True,
+        unquantized=True,
+    ),
+    Case(entry="token", mode="fp8_token", m=3, n1=50, n2=20, out_pad=2),
+    Case(entry="unified", mode="fp8_tensor", m=4, n1=40, residual=True),
+    Case(entry="group", mode="mxfp4", group_size=32, m=2, n1=96, n2=18),
+    Case(entry="group", mode="fp8_group", group_size=32, m=3, n1=64, data="nan", seed=4),
+]
+
+
+@pytest.mark.parametrize("chunked", [False], indirect=True)
+@pytest.mark.parametrize("case", _CPU_CASES, ids=repr)
+def test_matches_reference(case: Case, chunked: bool) -> None:
+    run_case(case, backend="triton")
+
+
+@pytest.mark.parametrize("chunked", [True], indirect=True)
+@pytest.mark.parametrize("case", _CHUNKED_CASES, ids=repr)
+def test_chunked_rows_match_reference(case: Case, chunked: bool) -> None:
+    run_case(case, backend="triton")
+
+
+# ----------------------------------------------------------------------------- the backend directly
+
+
+def _aliased_request(form: str, m: int, n1: int, n2: int, mode: QuantMode, seed: int = 0):
+    """A request in one supported in-place form, plus an identical request on fresh tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dt).to(DEVICE)
+
+    q, res, k = rnd(m, n1), rnd(m, n1), rnd(m, n2)
+    qw, kw = rnd(n1), rnd(n2)
+    with_res = form in ("res_out=q", "res_out=res")
+    quant = scale = None
+    if mode is QuantMode.FP8_GROUP:
+        quant = torch.empty(m, n1, dtype=torch.float8_e4m3fn, device=DEVICE)
+        scale = torch.empty(m, n1 // 16, dtype=torch.float32, device=DEVICE)
+
+    def build(q: torch.Tensor, res: torch.Tensor, k: torch.Tensor, inplace: bool):
+        k_out = k if inplace and form == "k_out=k" else torch.empty_like(k)
+        q_out = q if inplace and form == "q_out=q" else torch.empty_like(q)
+        res_out = None
+        if with_res:
+            res_out = (q if form == "res_out=q" else res) if inplace else torch.empty_like(q)
+        return build_request(
+            q=q, q_weight=qw, q_epsilon=1e-6, k=k, k_weight=kw, k_out=k_out,
+            q_residual=res if with_res else None, q_res_out=res_out, mode=mode,
+            group_size=16 if quant is not None else None, q_out=q_out,
+            q_out_quantized=None if quant is None else torch.empty_like(quant),
+            q_out_scale=None if scale is None else torch.empty_like(scale),
+        )  # fmt: skip
+
+    expected = build(q.clone(), res.clone(), k.clone(), inplace=False)
+    actual = build(q, res, k, inplace=True)
+    return actual, expected
+
+
+@pytest.mark.parametrize("chunked", [False, True], indirect=True, ids=["single", "chunked"])
+@pytest.mark.parametrize("form", ["k_out=k", "q_out=q", "res_out=q", "res_out=res"])
+def test_in_place_forms(form: str, chunked: bool) -> None:
+    """Every supported alias: each row is read completely before its last pass writes it."""
+    mode = QuantMode.FP8_GROUP if form.startswith("res_out") else QuantMode.NONE
+    actual, expected = _aliased_request(form, 5, 96, 48, mode)
+    qk_rmsnorm_reference(expected)
+    TritonBackend().run(actual)
+    assert_norm_close(actual.k_out, expected.k_out, "k_out")
+    assert_norm_close(actual.q_out, expected.q_out, "q_out")
+    if actual.q_res_out is not None:
+        assert torch.equal(actual.q_res_out.view(torch.int16), expected.q_res_out.view(torch.int16))  # type: ignore[union-attr]
+    if actual.q_quant is not None:
+        assert torch.equal(actual.q_quant.view(torch.uint8), expected.q_quant.view(torch.uint8))  # type: ignore[union-attr]
+        assert torch.equal(actual.q_scale, expected.q_scale)
+
+
+class _NoLaunch:
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"M = 0 touched the kernels ({name})")
+
+
+def test_m_zero_launches_nothing() -> None:
+    q = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
+    out = torch.empty(0, 64, dtype=torch.float16, device=DEVICE)
+    req = build_request(q=q, q_weight=torch.ones(64, dtype=torch.float16, device=DEVICE), q_epsilon=1e-6, q_out=out)
+    be = TritonBackend()
+    be._kernels = _NoLaunch()
+    be.run(req)
+    assert not be._plans
+
+
+def test_warmup_sizes_cover_every_bucket_once() -> None:
+    be = TritonBackend()
+    for max_m in (1, 2, 16, 17, 300, 5000, 70000):
+        sizes = be.warmup_sizes(max_m)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] <= max_m
+        buckets = [tb._bucket(s) for s in sizes]
+        assert len(set(buckets)) == len(buckets)
+        assert set(buckets) == {tb._bucket(1), tb._bucket(max_m)} | {
+            tb._bucket(hi) for hi in tb._BUCKETS if hi <= max_m
+        }
+    assert be.warmup_sizes(0) == []
+
+
+def test_capability_answers() -> None:
+    be = TritonBackend()
+    ok, why = be.available()
+    assert ok, why
+    req = build_request(q=torch.ones(2, 8, dtype=torch.float16, device=DEVICE),
+                        q_weight=torch.ones(8, dtype=torch.float16, device=DEVICE), q_epsilon=1e-6,
+                        q_out=torch.empty(2, 8, dtype=torch.float16, device=DEVICE))  # fmt: skip
+    assert be.supports(req) is None
+    be._interpret = False
+    cpu_req = build_request(q=torch.ones(2, 8, dtype=torch.float16), q_weight=torch.ones(8, dtype=torch.float16),
+                            q_epsilon=1e-6, q_out=torch.empty(2, 8, dtype=torch.float16))  # fmt: skip
+    assert "TRITON_INTERPRET" in str(be.supports(cpu_req))
+
+
+# ----------------------------------------------------------------------------- GPU suite
+
+_DS: dict[str, object] = dict(n1=1536, n2=512, latent=True, dtype="bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        *[Case(m=t, **_DS, seed=t) for t in (1, 7, 256, 4096, 65536)],
+        *[Case(entry="unified", mode="fp8_group", quant_type=_G, m=t, **_DS, seed=t) for t in (1, 33, 4096, 65536)],
+        Case(entry="unified", mode="fp8_group", quant_type=_G, m=300, transpose="contiguous", **_DS),
+        Case(
+            entry="group",
+            mode="fp8_group",
+            group_size=128,
+            m=1000,
+            transpose="view",
+            unquantized=True,
+            residual=True,
+            **_DS,
+        ),
+        Case(entry="token", mode="fp8_token", m=513, **_DS),
+        Case(entry="unified", mode="fp8_tensor", m=5000, **_DS),
+        Case(entry="group", mode="mxfp4", group_size=32, m=2049, **_DS),
+        Case(entry="group", mode="fp8_group", group_size=128, m=64, fp8="float8_e4m3fnuz", gemma=True, **_DS),
+        Case(m=17, n1=1536, n2=512, dtype="float16", out_pad=8, in_pad=3, residual=True),
+    ],
+    ids=repr,
+)
+def test_gpu_deepseek_shapes(case: Case) -> None:
+    run_case(case, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(m=64, n1=128, n2=64, dtype="bfloat16"),
+        Case(m=33, n1=1000, n2=999, dtype="float16", in_pad=1, out_pad=1),
+        Case(m=300, n1=4096, n2=8192, dtype="bfloat16", residual=True),
+        Case(m=9, n1=12288, n2=16383, dtype="bfloat16", gemma=True),
+        Case(m=40, n1=16384, n2=16384, dtype="bfloat16", latent=True),
+        Case(entry="group", mode="fp8_group", group_size=128, m=100, n1=16384, n2=4096, dtype="bfloat16"),
+        Case(entry="group", mode="fp8_group", group_size=8192, m=20, n1=16384, dtype="bfloat16", residual=True),
+        Case(entry="group", mode="fp8_group", group_size=16384, m=20, n1=16384, dtype="float16", transpose="view"),
+        Case(entry="token", mode="fp8_token", m=50, n1=16382, dtype="bfloat16"),
+        Case(entry="token", mode="fp8_token", m=50, n1=7168, fp8="float8_e4m3fnuz", dtype="bfloat16"),
+        Case(entry="unified", mode="fp8_tensor", m=70, n1=16384, dtype="bfloat16", unquantized=True),
+        Case(entry="group", mode="mxfp4", group_size=32, m=30, n1=16384, dtype="bfloat16"),
+        Case(entry="group", mode="mxfp4", group_size=128, m=30, n1=7168, dtype="float16", residual=True),
+        Case(m=3, n1=65536, n2=65536, dtype="bfloat16"),
+        Case(entry="group", mode="fp8_group", group_size=128, m=3, n1=65536, dtype="bfloat16", data="huge"),
+        Case(entry="group", mode="fp8_group", group_size=64, m=300, n1=2048, dtype="bfloat16", data="nan"),
+    ],
+    ids=repr,
+)
+def test_gpu_widths_and_modes(case: Case) -> None:
+    run_case(case, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["k_out=k", "q_out=q", "res_out=q", "res_out=res"])
+@pytest.mark.parametrize(("m", "n1", "n2"), [(4096, 1536, 512), (64, 16384, 12288)])
+def test_gpu_in_place_forms(form: str, m: int, n1: int, n2: int) -> None:
+    mode = QuantMode.FP8_GROUP if form.startswith("res_out") else QuantMode.NONE
+    actual, expected = _aliased_request(form, m, n1, n2, mode)
+    qk_rmsnorm_reference(expected)
+    TritonBackend().run(actual)
+    assert_norm_close(actual.k_out, expected.k_out, "k_out")
+    assert_norm_close(actual.q_out, expected.q_out, "q_out")
+    if actual.q_res_out is not None:
+        assert torch.equal(actual.q_res_out.view(torch.int16), expected.q_res_out.view(torch.int16))  # type: ignore[union-attr]
