@@ -316,7 +316,8 @@ def plot(rows: Sequence[Row], path: Path) -> bool:
             if attr == "graph_us":
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     if rows:
         r0 = rows[0]
         fig.suptitle(f"qknorm {r0.qknorm}: {r0.gpu}, torch {r0.torch}, triton {r0.triton}, {r0.date} "
