@@ -518,6 +518,7 @@ def run_benchmark(
     effort: Effort = FULL,
     progress: Callable[[str], None] = logger.info,
     device: torch.device | None = None,
+    checkpoint: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
     """Measure every (M, layout, mode) for the copy ceiling, qknorm and its peers; one row each.
 
@@ -525,6 +526,7 @@ def run_benchmark(
     ``registry.reset()`` first to force one), named in the ``impl`` column (``qknorm-triton``).
     An impl that fails (no backend, compile or capture error) gives a row with empty times and
     the error in ``note``; a qknorm output that disagrees with the reference is noted too.
+    ``checkpoint(rows_so_far)`` is called after each M (to save partial results).
     """
     dev = device or torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(dev)
@@ -552,6 +554,8 @@ def run_benchmark(
                     i += 1
                     rows += _bench_case(run, m, layout, mode, f"[{i}/{total}]")
             torch.cuda.empty_cache()
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -579,8 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_benchmark(args.m, args.modes, args.layouts, QUICK if args.quick else FULL, progress)
     csv_path, png_path = args.out / "bench_qknorm.csv", args.out / "bench_qknorm.png"
+    rows = run_benchmark(args.m, args.modes, args.layouts, QUICK if args.quick else FULL, progress,
+                         checkpoint=lambda so_far: write_csv(so_far, csv_path))  # fmt: skip
     write_csv(rows, csv_path)
     plotted = plot(rows, png_path)
     r0 = rows[0]
