@@ -4,6 +4,8 @@ Every backend is compared with :mod:`qknorm.reference`. Outputs that SPEC §4 fi
 (the residual sum) are compared exactly; the rest within the table below, where each entry says
 why its tolerance is what it is. Quantized outputs are compared as codes: a code may differ from
 the reference by at most one step, and only in a bounded fraction of elements.
+
+:mod:`qknorm.testing.fake_aiter` installs fake ``aiter`` packages of every API generation (and broken ones).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ whatever device the tensors are on (the math of :mod:`qknorm.reference`), reprod
 generation's quirks: the unified ``No`` mode ignores ``q_residual``, ``gemma_norm`` and
 ``q_out_unquantized``; ``per_Tensor`` raises ``NotImplementedError``; scales are written by
 raw offset (``i * G + g``, ``g * m + i`` when transposed) whatever the scale tensor's strides;
+tensors must be 16-byte aligned (base and row stride), as aiter's vector loads assume;
 FP8 outputs must have ``aiter.dtypes.fp8`` (e4m3fnuz for ``arch="gfx942"``, e4m3fn for
 ``"gfx950"``); the legacy entry returns new tensors.
 
@@ -378,9 +379,23 @@ _ENTRIES: dict[str, Callable[[dict[str, Any], torch.dtype], Any]] = {
 }
 
 
+_VECTOR_ARGS = ("q", "k", "q_residual", "q_weight", "k_weight", "q_out", "k_out", "q_res_out", "q_out_quantized",
+                "q_out_unquantized")  # fmt: skip
+
+
+def _check_alignment(args: dict[str, Any]) -> None:
+    """aiter's kernels move 16-byte vectors: a base or row stride off 16 bytes is refused, not read wrong."""
+    for name in _VECTOR_ARGS:
+        t = args.get(name)
+        if isinstance(t, torch.Tensor) and t.numel():
+            row_bytes = t.stride(0) * t.element_size() if t.dim() == 2 and t.shape[0] > 1 else 0
+            _check(t.data_ptr() % 16 == 0 and row_bytes % 16 == 0, f"fake aiter: {name} is not 16-byte aligned")
+
+
 def call(kind: str, arch: str, entry: str, args: dict[str, Any]) -> Any:
     """Run fake aiter entry ``entry`` of ``kind`` with its bound arguments (called by the fake package)."""
     _CALLS.append(entry)
+    _check_alignment(args)
     if kind == "runtime_error":
         raise RuntimeError("HIP error: invalid device function (fake aiter)")
     if kind == "jit_build_failure":
