@@ -106,8 +106,11 @@ ROUTES = [
     ("unified", {}, "unified"),
     ("unified", {"k": False}, "unified"),
     ("unified", {"quant": "fp8_group"}, "unified"),
-    ("unified", {"quant": "fp8_group", "group_size": 64, "gemma_norm": True, "residual": True,
-                 "return_unquantized": True}, "unified"),  # fmt: skip
+    (
+        "unified",
+        {"quant": "fp8_group", "group_size": 64, "gemma_norm": True, "residual": True, "return_unquantized": True},
+        "unified",
+    ),
     ("unified", {"quant": "fp8_group", "transpose_scale": True}, "unified"),
     ("unified", {"quant": "fp8_group", "group_size": 32}, "unified"),
     ("unified", {"quant": "fp8_token", "residual": True}, "unified"),
