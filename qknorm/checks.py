@@ -28,6 +28,8 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16)
 # Widest row qknorm accepts (q or k). aiter stops at 8192; the reference has no limit, the
 # Triton kernels loop over column chunks, and 65536 keeps a row's fp32 sum of squares exact enough.
 MAX_WIDTH = 65536
+_FP32_MIN_NORMAL = 2.0**-126
+_FP32_MAX = (2.0 - 2.0**-23) * 2.0**127
 
 
 def _tensor(name: str, t: object) -> torch.Tensor:
@@ -42,6 +44,13 @@ def _check_eps(name: str, eps: object) -> float:
     value = float(eps)
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    if not (_FP32_MIN_NORMAL <= value <= _FP32_MAX):
+        # eps is added in fp32: below the smallest normal float32 it rounds (or, in FTZ kernels,
+        # flushes) to 0, and an all-zero row then gives 0 * rsqrt(0) = NaN; above it, inf.
+        raise ValueError(
+            f"{name} must be a normal float32 in [{_FP32_MIN_NORMAL:.6g}, {_FP32_MAX:.6g}] (it is added in fp32), "
+            f"got {value!r}"
+        )
     return value
 
 
