@@ -23,7 +23,8 @@ import torch
 
 import qknorm
 from qknorm.backends import registry
-from qknorm.backends.aiter_backend import AiterBackend, _is_build_failure, _shape_mismatch
+from qknorm.backends.aiter_adapters import shape_mismatch
+from qknorm.backends.aiter_backend import AiterBackend, _is_build_failure
 from qknorm.backends.base import BackendUnavailable
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode
@@ -407,10 +408,10 @@ def test_signature_shapes():
         pass
 
     params = ("q_out", "q", "q_weight", "q_eps", "k_out", "k", "k_weight", "k_eps")
-    assert _shape_mismatch(unified_like, params) is None  # optional trailing parameters are fine
-    assert "unexpected required parameter 'cache'" in (_shape_mismatch(new_required, params) or "")
-    assert "unexpected signature" in (_shape_mismatch(unified_like, ("q", "q_weight")) or "")
-    assert "no readable signature" in (_shape_mismatch(torch.add, params) or "")
+    assert shape_mismatch(unified_like, params) is None  # optional trailing parameters are fine
+    assert "unexpected required parameter 'cache'" in (shape_mismatch(new_required, params) or "")
+    assert "unexpected signature" in (shape_mismatch(unified_like, ("q", "q_weight")) or "")
+    assert "no readable signature" in (shape_mismatch(torch.add, params) or "")
 
 
 def test_build_failures_are_told_from_runtime_errors():
