@@ -130,7 +130,7 @@ def _cell(v: object) -> object:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+        return f"{v:.6g}" if abs(v) < 1e6 else f"{v:.1f}"
     return v
 
 
