@@ -167,39 +167,78 @@ def overhead() -> dict[str, float]:
     return res
 
 
-def timings(ms: Sequence[int]) -> list[dict[str, object]]:
-    be = tb.TritonBackend()
-    be.available()
+def timings(ms: Sequence[int], be: tb.TritonBackend | None = None, quick: bool = False) -> list[dict[str, object]]:
+    """Graph-replay µs per call; "cold": inputs rotate over sets (L2 cold once they outgrow it), "hot": one set."""
+    if be is None:
+        be = tb.TritonBackend()
+        be.available()
     rows: list[dict[str, object]] = []
     for m in ms:
         calls = calls_for(m)
         row: dict[str, object] = {"M": m}
-        src = [torch.randn(m * (N1 + N2), device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-        dst = [torch.empty_like(s) for s in src]
-        nsets = max(1, min(4, -(-L2_COLD_BYTES // (4 * m * (N1 + N2)))))
-        row["copy"] = graph_us([lambda d=dst[i], s=src[i]: d.copy_(s) for i in range(nsets)], calls)
-        for name, strided, mode in (("norm contig", False, "norm"), ("norm strided", True, "norm"),
-                                    ("fp8g128 contig", False, "fp8"), ("fp8g128 strided", True, "fp8")):  # fmt: skip
+        n = m * (N1 + N2)
+        src = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        dst = [torch.empty_like(t) for t in src]
+        nsets = max(1, min(4, -(-L2_COLD_BYTES // (4 * n))))
+        if not quick:
+            row["copy cold"] = graph_us([lambda d=dst[i], s=src[i]: d.copy_(s) for i in range(nsets)], calls)
+            row["copy hot"] = graph_us([lambda d=dst[0], s=src[0]: d.copy_(s)], calls)
+        cases = [("norm strided", True, "norm"), ("fp8 strided", True, "fp8")]
+        if not quick:
+            cases += [("norm contig", False, "norm"), ("fp8 contig", False, "fp8")]
+        for name, strided, mode in cases:
             sets = buffer_sets(m, strided, mode)
-            row[name] = graph_us(run_with(be, sets, None), calls)
-            if m == 1:
-                cfg = be._plans[sets[0].req.key()].configs[tb._bucket(m)]
-                row[f"{name} cfg"] = str(cfg)
-            else:
-                row[f"{name} cfg"] = str(be._plans[sets[0].req.key()].configs[tb._bucket(m)])
+            row[f"{name} cold"] = graph_us(run_with(be, sets, None), calls)
+            if strided:
+                row[f"{name} hot"] = graph_us(run_with(be, sets[:1], None), calls)
+            row[f"{name} cfg"] = str(be._plans[sets[0].req.key()].configs[tb._bucket(m)])
             del sets
         del src, dst
         torch.cuda.empty_cache()
-        gbs = 2 * m * (N1 + N2) * 2 / (row["copy"] * 1e3)  # type: ignore[operator]
-        row["copy GB/s"] = round(gbs, 1)
-        row["norm strided % of copy"] = round(100 * row["copy"] / row["norm strided"], 1)  # type: ignore[operator]
         rows.append(row)
-        print(
-            f"M={m:6d} copy {row['copy']:8.2f}  norm c/s {row['norm contig']:8.2f} {row['norm strided']:8.2f}"
-            f"  fp8 c/s {row['fp8g128 contig']:8.2f} {row['fp8g128 strided']:8.2f}   ({row['norm strided cfg']})",
-            flush=True,
-        )
+        print(f"M={m:6d} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     return rows
+
+
+VARIANTS = {
+    # r from the hardware reciprocal square root (within ~2 ulp, SPEC §4.2) instead of IEEE steps.
+    "approx_rstd": [
+        (
+            "    s = tl.sqrt_rn(_div(sumsq, tl.full(sumsq.shape, N, tl.float32)) + eps)\n"
+            "    return _div(tl.full(s.shape, 1.0, tl.float32), s)",
+            "    return tl.rsqrt(sumsq * (1.0 / N) + eps)",
+        )
+    ],
+}
+
+
+def variant_module(name: str) -> object:
+    """The kernels module with one variant's source edits, imported from a temporary file."""
+    import importlib.util
+    import tempfile
+
+    src = Path(tb.__file__).with_name("triton_kernels.py").read_text()
+    for old, new in VARIANTS[name]:
+        assert old in src, f"variant {name}: pattern not found"
+        src = src.replace(old, new)
+    path = Path(tempfile.mkdtemp()) / f"qk_variant_{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def variants(ms: Sequence[int]) -> dict[str, list[dict[str, object]]]:
+    out = {}
+    for name in VARIANTS:
+        be = tb.TritonBackend()
+        be.available()
+        be._kernels = variant_module(name)
+        print(f"variant {name}:", flush=True)
+        out[name] = timings(ms, be, quick=True)
+    return out
 
 
 def sweep(ms: Sequence[int]) -> list[dict[str, object]]:
@@ -208,9 +247,9 @@ def sweep(ms: Sequence[int]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for m in ms:
         if m <= 256:
-            cands = [tb._Config(1, kr, w) for kr in (1, 2, 4) for w in (1, 2, 4, 8)]
+            cands = [tb._Config(qr, kr, w) for qr in (1, 2) for kr in (1, 2, 4) for w in (2, 4, 8)]
         else:
-            cands = [tb._Config(qr, qr * kf, w) for qr in (1, 2, 4) for kf in (2, 4) for w in (4, 8, 16)]
+            cands = [tb._Config(qr, qr * kf, w) for qr in (1, 2, 4) for kf in (2, 4) for w in (2, 4, 8)]
         for mode in ("norm", "fp8"):
             sets = buffer_sets(m, True, mode)
             res = []
@@ -241,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,16,256,4096,16384,65536", help="row counts, comma separated")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     ap.add_argument("--no-overhead", action="store_true")
+    ap.add_argument("--variants", default="", help="row counts for the kernel-variant comparison (e.g. 1,256,65536)")
     args = ap.parse_args(argv)
     ms = [int(x) for x in args.ms.split(",")]
     import triton
@@ -257,11 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["overhead_us"] = ov = overhead()
         for k, v in ov.items():
             print(f"  {k:45s} {v:7.2f} us", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     result["timings_us"] = timings(ms)
+    (out / "triton_check.json").write_text(json.dumps(result, indent=1))
+    if args.variants:
+        result["variants"] = variants([int(x) for x in args.variants.split(",")])
+        (out / "triton_check.json").write_text(json.dumps(result, indent=1))
     if args.sweep:
         result["sweep"] = sweep(ms)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "triton_check.json").write_text(json.dumps(result, indent=1))
+        (out / "triton_check.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -25,9 +25,12 @@ Measured (NVIDIA H100 80GB HBM3, triton 3.6.0, torch 2.11.0+cu130): see the note
 
 from __future__ import annotations
 
+import inspect
 import logging
-import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import or_
 from typing import Any
 
 import torch
@@ -90,6 +93,7 @@ class _Plan:
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
     configs: dict[int, _Config] = field(default_factory=dict)
+    fast: dict[tuple[object, ...], Callable[[int, int, list[Any]], None]] = field(default_factory=dict)
 
 
 def _config(plan: _Plan, bucket: int) -> _Config:
@@ -120,15 +124,21 @@ class TritonBackend:
         self._plans: dict[tuple[object, ...], _Plan] = {}
         self._interpret = False
         self._kernels: Any = None
+        self._constexpr_names: list[str] = []
+        self._fast_ok = False  # direct launches (see _bind_fast): Triton 3.6 on CUDA
+        self._stream: Any = None
+        self._hooks: Any = None
 
     # -- capability
 
     def available(self) -> tuple[bool, str]:
         try:
             import triton
+
+            if self._kernels is None:
+                self._load_kernels()
         except Exception as exc:  # any import failure means unavailable
             return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-        self._interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         if self._interpret:
             return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
         if torch.cuda.is_available():
@@ -157,11 +167,25 @@ class TritonBackend:
 
     # -- planning
 
+    def _load_kernels(self) -> None:
+        import triton
+
+        from . import triton_kernels
+
+        kernel = triton_kernels._qk_rmsnorm_kernel
+        # TRITON_INTERPRET is read by Triton when the kernels are decorated: the kernel's type says.
+        self._interpret = not isinstance(kernel, triton.runtime.JITFunction)
+        params = inspect.signature(kernel.fn).parameters.values()
+        self._constexpr_names = [p.name for p in params if "constexpr" in str(p.annotation)]
+        if not self._interpret and torch.cuda.is_available():
+            self._stream = triton.runtime.driver.active.get_current_stream
+            self._hooks = triton.knobs.runtime
+            self._fast_ok = triton.__version__.startswith("3.6.") and torch.version.hip is None
+        self._kernels = triton_kernels
+
     def _plan(self, req: QKNormRequest, key: tuple[object, ...]) -> _Plan:
         if self._kernels is None:
-            from . import triton_kernels
-
-            self._kernels = triton_kernels
+            self._load_kernels()
         kn = self._kernels
         n1, n2, mode, gs = req.n1, req.n2, req.mode, req.group_size
         q_chunked = _next_pow2(n1) > _MAX_SINGLE
@@ -199,7 +223,7 @@ class TritonBackend:
             FMAX=fp8_max(quant_dtype) if is_fp8 else 448.0,  # type: ignore[arg-type]
             INV_FMAX=fp8_inv_max(quant_dtype) if is_fp8 else 1.0 / 448.0,  # type: ignore[arg-type]
             FNUZ=fnuz, AMAX_BLOCK=_AMAX_PROGRAMS,
-            NATIVE_FP8=native_fp8, NATIVE_CAST=native_cast,
+            NATIVE_FP8=native_fp8, NATIVE_CAST=native_cast, FMA=not self._interpret,
         )  # fmt: skip
         plan = _Plan(
             n1=n1, n2=n2, q_block=q_block, q_chunked=q_chunked, k_block=k_block, k_chunked=k_chunked,
@@ -233,49 +257,115 @@ class TritonBackend:
     def _launch(self, req: QKNormRequest, plan: _Plan, cfg: _Config) -> None:
         """Launch the kernel(s) for ``req`` with configuration ``cfg``."""
         m = req.q.shape[0]
-        q = req.q
+        q, w = req.q, req.q_weight
+        kw = w if req.k_weight is None else req.k_weight
         res, q_out, res_out, k, k_out = req.q_residual, req.q_out, req.q_res_out, req.k, req.k_out
         quant, scale = req.q_quant, req.q_scale
         if quant is not None and plan.fnuz_view:
             quant = quant.view(torch.uint8)
+        tensors = (
+            q, q if res is None else res, w, q if q_out is None else q_out, q if res_out is None else res_out,
+            q if quant is None else quant, q if scale is None else scale, q if k is None else k,
+            kw, q if k_out is None else k_out,
+        )  # fmt: skip
+        strides = (
+            q.stride(0), 0 if res is None else res.stride(0), 0 if q_out is None else q_out.stride(0),
+            0 if res_out is None else res_out.stride(0), 0 if quant is None else quant.stride(0),
+            0 if scale is None else scale.stride(0), 0 if scale is None or scale.dim() < 2 else scale.stride(1),
+            0 if k is None else k.stride(0), 0 if k_out is None else k_out.stride(0),
+        )  # fmt: skip
         q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
         k_programs = 0 if k is None else (m if plan.k_chunked else -(-m // cfg.k_rows))
-        args = [
-            q, q.stride(0),
-            q if res is None else res, 0 if res is None else res.stride(0),
-            req.q_weight,
-            q if q_out is None else q_out, 0 if q_out is None else q_out.stride(0),
-            q if res_out is None else res_out, 0 if res_out is None else res_out.stride(0),
-            q if quant is None else quant, 0 if quant is None else quant.stride(0),
-            q if scale is None else scale,
-            0 if scale is None else scale.stride(0),
-            0 if scale is None or scale.dim() < 2 else scale.stride(1),
-            q if k is None else k, 0 if k is None else k.stride(0),
-            req.q_weight if k is None else req.k_weight,
-            q if k_out is None else k_out, 0 if k_out is None else k_out.stride(0),
-        ]  # fmt: skip
-        ce = plan.constexprs
-        kernel = self._kernels._qk_rmsnorm_kernel
+        grid = q_programs + k_programs
+        scalars = (m, req.q_eps, req.k_eps, q_programs, k_programs)
+        if plan.two_pass:
+            self._launch_two_pass(plan, cfg, tensors, strides, scalars)
+            return
+        fast_key = (cfg, strides)
+        fast = plan.fast.get(fast_key)
+        if fast is not None:
+            ptrs = [t.data_ptr() for t in tensors]
+            if not reduce(or_, ptrs) & 15 and m < 1 << 31 and self._hooks.launch_enter_hook is None:
+                fast(grid, self._stream(plan.device_index), _args(ptrs, strides, ptrs[0], 0, scalars))
+                return
+        tail = self._tail(plan, cfg, plan.constexprs)
+        ck = self._compile_launch(grid, cfg, _args(tensors, strides, q, 0, scalars) + tail)
+        if self._fast_ok and fast is None and not reduce(or_, [t.data_ptr() for t in tensors]) & 15:
+            plan.fast[fast_key] = _bind_fast(ck, tail)
+
+    def _launch_two_pass(
+        self, plan: _Plan, cfg: _Config, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...],
+        scalars: tuple[Any, ...],
+    ) -> None:  # fmt: skip
+        """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one."""
+        m, q_eps, k_eps, q_programs, k_programs = scalars
+        amax_programs = min(q_programs, _AMAX_PROGRAMS)
+        partials = torch.empty(amax_programs, dtype=torch.int32, device=tensors[0].device)
+        first = {**plan.constexprs, "Q_MODE": self._kernels.Q_AMAX.value, "HAS_K": False}
+        self._compile_launch(
+            amax_programs, cfg,
+            _args(tensors, strides, partials, amax_programs, (m, q_eps, k_eps, amax_programs, 0))
+            + self._tail(plan, cfg, first),
+        )  # fmt: skip
+        self._compile_launch(
+            q_programs + k_programs, cfg,
+            _args(tensors, strides, partials, amax_programs, scalars) + self._tail(plan, cfg, plan.constexprs),
+        )  # fmt: skip
+
+    def _tail(self, plan: _Plan, cfg: _Config, constexprs: dict[str, Any]) -> list[Any]:
+        """The compile-time arguments in the kernel's parameter order."""
+        values = {**constexprs, "Q_ROWS": cfg.q_rows, "K_ROWS": cfg.k_rows}
+        return [values[name] for name in self._constexpr_names]
+
+    def _compile_launch(self, grid: int, cfg: _Config, args: list[Any]) -> Any:
+        """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
         try:
-            if plan.two_pass:
-                amax_programs = min(q_programs, _AMAX_PROGRAMS)
-                partials = torch.empty(amax_programs, dtype=torch.int32, device=q.device)
-                kernel[(amax_programs,)](
-                    *args, partials, amax_programs, m, req.q_eps, req.k_eps, amax_programs, 0,
-                    Q_ROWS=cfg.q_rows, K_ROWS=cfg.k_rows, num_warps=cfg.num_warps,
-                    **{**ce, "Q_MODE": self._kernels.Q_AMAX.value, "HAS_K": False},
-                )  # fmt: skip
-                amax_args: tuple[Any, int] = (partials, amax_programs)
-            else:
-                amax_args = (q, 0)
-            kernel[(q_programs + k_programs,)](
-                *args, *amax_args, m, req.q_eps, req.k_eps, q_programs, k_programs,
-                Q_ROWS=cfg.q_rows, K_ROWS=cfg.k_rows, num_warps=cfg.num_warps, **ce,
-            )  # fmt: skip
+            return self._kernels._qk_rmsnorm_kernel[(grid,)](*args, num_warps=cfg.num_warps)
         except Exception as exc:
             if _is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
             raise
+
+
+def _args(
+    ptrs: Sequence[Any], strides: tuple[int, ...], amax: Any, amax_count: int, scalars: tuple[Any, ...]
+) -> list[Any]:
+    """The kernel's runtime arguments in parameter order (pointers as tensors or as ints)."""
+    t, s = ptrs, strides
+    return [
+        t[0], s[0], t[1], s[1], t[2], t[3], s[2], t[4], s[3], t[5], s[4], t[6], s[5], s[6],
+        t[7], s[7], t[8], t[9], s[8], amax, amax_count, *scalars,
+    ]  # fmt: skip
+
+
+def _bind_fast(ck: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None]:
+    """A direct launcher for one compiled kernel: Triton's C launch entry with integer pointers.
+
+    Triton's ``JITFunction.run`` re-derives the specialization of ~45 arguments and queries the
+    driver for every tensor pointer on each call (~30 µs on the H100 host, see the notes at the
+    top). The compiled kernel is only valid for the specialization it was built for, so the
+    caller keys it by the exact integer arguments and uses it only for 16-byte aligned pointers
+    (what the first, regular launch was specialized on) and 32-bit row counts.
+    """
+    launcher = ck.run
+    function, meta = ck.function, ck.packed_metadata
+    c_launch = getattr(launcher, "launch", None)
+    if (
+        c_launch is not None
+        and getattr(launcher, "global_scratch_size", 1) == 0
+        and getattr(launcher, "profile_scratch_size", 1) == 0
+    ):
+        coop, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+
+        def fast(grid: int, stream: int, args: list[Any]) -> None:
+            c_launch(grid, 1, 1, stream, function, coop, pdl, None, None, meta, None, None, None, *args, *tail)
+
+    else:
+
+        def fast(grid: int, stream: int, args: list[Any]) -> None:
+            launcher(grid, 1, 1, stream, function, meta, None, None, None, *args, *tail)
+
+    return fast
 
 
 def _is_build_failure(exc: BaseException) -> bool:

@@ -104,9 +104,30 @@ def _div(a, b):
 
 
 @triton.jit
-def _fp8_values(y, scale, FMAX: tl.constexpr, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
+def _quotient(y, d, FMA: tl.constexpr):
+    """y / d correctly rounded, for a divisor d shared by many y (broadcast from a smaller shape).
+
+    With a fused multiply-add: Markstein's correction of q0 = y * RN(1/d): r = y - q0*d is exact
+    and RN(q0 + r * RN(1/d)) = RN(y/d) (q0 is within 1 ulp; no over/underflow here: d >= 2^-43,
+    |y/d| <= FMAX). One IEEE division per group instead of one per element: ``div_rn`` per
+    element branches to a slow path and serializes the row. d = inf gives rcp = 0 and r = NaN:
+    then q0 (0, or NaN for y = inf) is the quotient. Without FMA (the interpreter): ``div_rn``.
+    """
+    if FMA:
+        rcp = _div(tl.full(d.shape, 1.0, tl.float32), d)
+        y, rcp = tl.broadcast(y, rcp)
+        y, d = tl.broadcast(y, d)
+        q0 = y * rcp
+        q1 = tl.fma(tl.fma(-q0, d, y), rcp, q0)
+        return tl.where(rcp == 0.0, q0, q1)
+    else:
+        return _div(y, d)
+
+
+@triton.jit
+def _fp8_values(y, scale, FMAX: tl.constexpr, FNUZ: tl.constexpr, NATIVE: tl.constexpr, FMA: tl.constexpr):
     """Rule 7: fp8_rne(clamp(y / scale, -FMAX, FMAX)), NaN kept (comparisons with NaN are false)."""
-    v = _div(y, scale)
+    v = _quotient(y, scale, FMA)
     v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))
     return _fp8_code(v, FNUZ, NATIVE)
 
@@ -172,7 +193,7 @@ def _write_tile(
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     GS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, Q_MODE: tl.constexpr,
     FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """Store every output of one [R, NG, GS] tile: rows int64 [R,1,1], g [1,NG,1] group index,
     cols [1,NG,GS], gmask [R,NG,1] (whole groups in bounds); ``scale`` is the FP8 scale of
@@ -184,11 +205,11 @@ def _write_tile(
         tl.store(OUT_PTR + rows * out_stride + cols, _to_out(y, OUT_PTR, NATIVE_CAST), mask=mask)
     if Q_MODE == Q_GROUP:
         gscale = _group_amax(y, mask) * INV_FMAX
-        codes = _fp8_values(y, gscale, FMAX, FNUZ, NATIVE_FP8)
+        codes = _fp8_values(y, gscale, FMAX, FNUZ, NATIVE_FP8, FMA)
         _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g * scale_stride_g, gscale, mask=gmask)
     elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
-        codes = _fp8_values(y, scale, FMAX, FNUZ, NATIVE_FP8)
+        codes = _fp8_values(y, scale, FMAX, FNUZ, NATIVE_FP8, FMA)
         _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
     elif Q_MODE == Q_MXFP4:
         t = (_group_amax(y, mask) * MXFP4_INV_MAX).to(tl.int32, bitcast=True)
@@ -212,7 +233,7 @@ def _rows_single(
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole rows in registers: load, reduce, normalize, store.
 
@@ -226,7 +247,10 @@ def _rows_single(
     gmask = rmask & (g * GS < N)
     rows = r.to(tl.int64)
     x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask, HAS_RES)
-    w = _load_w(W_PTR, cols, cols < N, GEMMA)
+    # The weights are loaded at the tile's full shape (repeats hit L1): a [1, NG, GS] load would
+    # get a layout of its own and cost a shared-memory layout conversion of the whole tile.
+    wcols = cols + r * 0
+    w = _load_w(W_PTR, wcols, wcols < N, GEMMA)
     sumsq = tl.sum(tl.sum(x * x, axis=2, keep_dims=True), axis=1, keep_dims=True)
     y = (x * _rstd(sumsq, N, eps)) * w
     amax_bits = 0
@@ -239,7 +263,7 @@ def _rows_single(
         _write_tile(
             x, y, rows, g, cols, mask, gmask, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+            GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
         )  # fmt: skip
     return amax_bits
 
@@ -253,7 +277,7 @@ def _row_chunked(
     N: tl.constexpr, SPAN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """One row wider than a tile, in chunks of NG*GS columns.
 
@@ -299,7 +323,7 @@ def _row_chunked(
                     x, y, rows, (c // GS) + g, cols, mask, (c + g * GS) < end, span_scale,
                     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                    GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+                    GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
                 )  # fmt: skip
     return amax_bits
 
@@ -313,7 +337,7 @@ def _q_block(
     N: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr,
     Q_MODE: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """Row block ``blk``: ROWS whole rows in registers, or (CHUNKED) row ``blk`` in chunks.
 
@@ -324,14 +348,14 @@ def _q_block(
             blk, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, SPAN, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+            N, SPAN, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
         )  # fmt: skip
     else:
         bits = _rows_single(
             blk * ROWS, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, ROWS, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+            N, ROWS, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
         )  # fmt: skip
         if Q_MODE == Q_AMAX:
             return tl.max(tl.max(tl.max(bits, axis=2), axis=1), axis=0)
@@ -368,6 +392,7 @@ def _qk_rmsnorm_kernel(
     FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,  # FP8 flavour
     AMAX_BLOCK: tl.constexpr,  # Q_TENSOR: power of two >= amax_count
     NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,  # hardware RNE conversions usable
+    FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -388,7 +413,7 @@ def _qk_rmsnorm_kernel(
                     Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                     Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                     N1, Q_SPAN, Q_ROWS, Q_NG, Q_GS, Q_CHUNKED, HAS_RES, HAS_Q_OUT, GEMMA, Q_MODE,
-                    FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+                    FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
                 ))  # fmt: skip
                 blk += q_programs
             tl.store(AMAX_PTR + pid, amax_bits)
@@ -405,7 +430,7 @@ def _qk_rmsnorm_kernel(
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_SPAN, Q_ROWS, Q_NG, Q_GS, Q_CHUNKED, HAS_RES, HAS_Q_OUT, GEMMA, Q_MODE,
-                FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+                FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
             )  # fmt: skip
     elif HAS_K:
         kp = pid - q_programs
@@ -414,5 +439,5 @@ def _qk_rmsnorm_kernel(
             K_OUT_PTR, k_out_stride, K_OUT_PTR, k_out_stride,
             K_OUT_PTR, k_out_stride, K_OUT_PTR, k_out_stride, k_out_stride,
             N2, N2, K_ROWS, 1, K_BLOCK, K_CHUNKED, False, True, GEMMA, Q_NONE,
-            FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST,
+            FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
         )  # fmt: skip
