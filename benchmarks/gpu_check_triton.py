@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Timing and tuning check of the Triton backend on one GPU (DeepSeek MLA shapes).
 
-``python benchmarks/gpu_check_triton.py [--sweep] [--out DIR] [--ms 1,16,256,4096,16384,65536]``
+``python benchmarks/gpu_check_triton.py [--sweep MS] [--variants MS] [--out DIR] [--ms 1,16,256,4096,16384,65536]``
 
 - Per-call wall time in eager mode (the Triton launch, ``TritonBackend.run`` on a built request,
   the public entries, and the validation / selection steps alone) at M = 1.
@@ -247,9 +247,9 @@ def sweep(ms: Sequence[int]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for m in ms:
         if m <= 256:
-            cands = [tb._Config(qr, kr, w) for qr in (1, 2) for kr in (1, 2, 4) for w in (2, 4, 8)]
+            cands = [tb._Config(qr, kr, w) for qr in (1, 2) for kr in (1, 4) for w in (2, 4, 8)]
         else:
-            cands = [tb._Config(qr, qr * kf, w) for qr in (1, 2, 4) for kf in (2, 4) for w in (2, 4, 8)]
+            cands = [tb._Config(qr, qr * 4, w) for qr in (1, 2, 4) for w in (2, 4, 8)]
         for mode in ("norm", "fp8"):
             sets = buffer_sets(m, True, mode)
             res = []
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for triton_check.json")
     ap.add_argument("--ms", default="1,16,256,4096,16384,65536", help="row counts, comma separated")
-    ap.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
+    ap.add_argument("--sweep", default="", help="row counts for a grid of launch configurations (e.g. 1,256,4096)")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--variants", default="", help="row counts for the kernel-variant comparison (e.g. 1,256,65536)")
     args = ap.parse_args(argv)
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["variants"] = variants([int(x) for x in args.variants.split(",")])
         (out / "triton_check.json").write_text(json.dumps(result, indent=1))
     if args.sweep:
-        result["sweep"] = sweep(ms)
+        result["sweep"] = sweep([int(x) for x in args.sweep.split(",")])
         (out / "triton_check.json").write_text(json.dumps(result, indent=1))
     return 0
 
