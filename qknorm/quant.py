@@ -76,9 +76,13 @@ def fp8_max(dtype: torch.dtype) -> float:
     return _FP8_MAX[dtype]
 
 
+# fl32(1/FMAX) per flavour, rounded once here so call paths (and torch.compile) see plain floats.
+_FP8_INV_MAX = {dtype: _fp32(1.0 / fmax) for dtype, fmax in _FP8_MAX.items()}
+
+
 def fp8_inv_max(dtype: torch.dtype) -> float:
     """``fl32(1/FMAX)``: the fp32-rounded reciprocal the scale is multiplied by (rule 6)."""
-    return _fp32(1.0 / _FP8_MAX[dtype])
+    return _FP8_INV_MAX[dtype]
 
 
 def is_fp4_dtype(dtype: torch.dtype) -> bool:

@@ -49,7 +49,9 @@ def fp8_quantize(y: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[
     """
     m, n = y.shape
     fmax = fp8_max(dtype)
-    inv = torch.tensor(fp8_inv_max(dtype), dtype=torch.float32, device=y.device)
+    # A float32 tensor times a Python float multiplies in float32; fl32(1/FMAX) is exact in
+    # float32, so this is the rule's product with no host-to-device copy (CUDA-graph safe).
+    inv = fp8_inv_max(dtype)
     groups = y.reshape(m, n // group_size, group_size)
     scale = _amax(groups) * inv
     values = torch.clamp(groups / scale.unsqueeze(-1), -fmax, fmax)
@@ -58,7 +60,7 @@ def fp8_quantize(y: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[
 
 def e8m0_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Rule 11: the E8M0 byte of ``ceil_pow2(fl32(amax * fl32(1/6)))`` as int32 in [0, 255]."""
-    t = amax.float() * torch.tensor(MXFP4_INV_MAX, dtype=torch.float32, device=amax.device)
+    t = amax.float() * MXFP4_INV_MAX
     bits = t.view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     mantissa = bits & 0x7FFFFF
