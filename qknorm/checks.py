@@ -16,7 +16,7 @@ try:  # private torch API (2.1+); if it moves, the data_ptr() probe in _check_al
     from torch._subclasses.fake_tensor import is_fake
 except ImportError:  # pragma: no cover
 
-    def is_fake(x: object) -> bool:
+    def is_fake(x: object) -> bool:  # type: ignore[misc]
         return False
 
 
