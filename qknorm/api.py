@@ -1,15 +1,22 @@
-"""The entry points of SPEC §2. Each builds one validated request and hands it to the selector."""
+"""The entry points of SPEC §2.
+
+Each entry maps its arguments onto one canonical argument list (that of
+:func:`qknorm.checks.build_request`, which is also the schema of the custom op
+``torch.ops.qknorm.fused_qk_rmsnorm``) and hands it to :func:`qknorm.ops.submit`: under
+torch.compile that is the custom op, one opaque node in the graph; in eager mode it is
+:func:`qknorm.fastpath.execute`, which validates once per argument signature and calls the
+selected backend without going through the dispatcher.
+"""
 
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from .backends.registry import run_request
-from .checks import build_request
-from .quant import QuantMode, QuantType, is_fp4_dtype
+from .ops import submit
+from .quant import FP8_DTYPES, QuantType, is_fp4_dtype
 
 __all__ = [
     "fused_qk_rmsnorm",
@@ -42,11 +49,11 @@ def _quant_type(value: object) -> QuantType:
         ) from None
 
 
-def _block_mode(q_out_quantized: object) -> QuantMode:
+def _block_mode(q_out_quantized: object) -> str:
     """Block quantization writes MXFP4 when the output is packed nibbles, FP8 otherwise."""
     if isinstance(q_out_quantized, torch.Tensor) and is_fp4_dtype(q_out_quantized.dtype):
-        return QuantMode.MXFP4
-    return QuantMode.FP8_GROUP
+        return "mxfp4"
+    return "fp8_group"
 
 
 def fused_qk_rmsnorm(
@@ -109,7 +116,7 @@ def fused_qk_rmsnorm(
     TypeError, ValueError
         Before anything is written, for any argument outside SPEC §3 (message names it).
     """
-    qt = _quant_type(quant_type)
+    qt = quant_type if type(quant_type) is QuantType else _quant_type(quant_type)
     if qt is QuantType.No:
         if q_out_scale is not None:
             raise ValueError("q_out_scale must be None with quant_type=QuantType.No, got a tensor")
@@ -120,27 +127,22 @@ def fused_qk_rmsnorm(
             raise ValueError(
                 "q_out_quantized must be given with quant_type=QuantType.No (it receives the normalized q)"
             )
-        req = build_request(
-            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
-            k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
-            mode=QuantMode.NONE, q_out=q_out, q_out_name=q_out_name, q_out_copy=q_out_copy,
-            transpose_scale=transpose_scale,
+        submit(
+            q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
+            "none", None, q_out, q_out_name, q_out_copy, None, None, transpose_scale,
         )  # fmt: skip
+        return
+    if qt is QuantType.per_Tensor:
+        mode, gs = "fp8_tensor", None
+    elif qt is QuantType.per_Token:
+        mode, gs = "fp8_token", None
     else:
-        if qt is QuantType.per_Tensor:
-            mode, gs = QuantMode.FP8_TENSOR, None
-        elif qt is QuantType.per_Token:
-            mode, gs = QuantMode.FP8_TOKEN, None
-        else:
-            mode = _block_mode(q_out_quantized)
-            gs = _QUANT_TYPE_GROUP[qt] if group_size is None else group_size
-        req = build_request(
-            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
-            k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
-            mode=mode, group_size=gs, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
-            q_out_scale=q_out_scale, transpose_scale=transpose_scale,
-        )  # fmt: skip
-    run_request(req)
+        mode = _block_mode(q_out_quantized)
+        gs = _QUANT_TYPE_GROUP[qt] if group_size is None else group_size
+    submit(
+        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
+        mode, gs, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale, transpose_scale,
+    )  # fmt: skip
 
 
 def fused_qk_rmsnorm_group_quant(
@@ -175,16 +177,14 @@ def fused_qk_rmsnorm_group_quant(
             raise ValueError("q_out_unquantized must be given when q_out_scale is None (no-quant mode)")
         if transpose_scale:
             raise ValueError("transpose_scale=True needs q_out_scale, got None (no-quant mode)")
-        mode = QuantMode.NONE
+        mode = "none"
     else:
         mode = _block_mode(q_out_quantized)
-    req = build_request(
-        q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
-        k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
-        mode=mode, group_size=group_size, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
-        q_out_scale=q_out_scale, transpose_scale=transpose_scale,
+    submit(
+        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
+        mode, group_size, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale,
+        transpose_scale,
     )  # fmt: skip
-    run_request(req)
 
 
 def fused_qk_rmsnorm_per_token_quant(
@@ -207,13 +207,10 @@ def fused_qk_rmsnorm_per_token_quant(
     ``q_out_quantized [m, n1]`` FP8, ``q_out_scale [m, 1]`` float32; other arguments as in
     :func:`fused_qk_rmsnorm`.
     """
-    req = build_request(
-        q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon,
-        k_out=k_out, q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm,
-        mode=QuantMode.FP8_TOKEN, q_out=q_out_unquantized, q_out_quantized=q_out_quantized,
-        q_out_scale=q_out_scale,
+    submit(
+        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
+        "fp8_token", None, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale, False,
     )  # fmt: skip
-    run_request(req)
 
 
 def fused_qk_rmsnorm_legacy(
@@ -236,11 +233,10 @@ def fused_qk_rmsnorm_legacy(
         raise TypeError("q must be a torch.Tensor, got NoneType")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    req = build_request(
-        q=q, q_weight=q_weight, q_epsilon=q_eps, k=k, k_weight=k_weight, k_epsilon=k_eps, k_out=k_out,
-        q_out=q_out,
+    submit(
+        q, q_weight, q_eps, k, k_weight, k_eps, k_out, None, None, False,
+        "none", None, q_out, "q_out_unquantized", None, None, None, False,
     )  # fmt: skip
-    run_request(req)
     return q_out, k_out
 
 
@@ -266,24 +262,77 @@ class QKNormOutput(NamedTuple):
 
 
 _QUANT_NAMES = {
-    None: QuantMode.NONE,
-    "none": QuantMode.NONE,
-    "fp8_group": QuantMode.FP8_GROUP,
-    "fp8_token": QuantMode.FP8_TOKEN,
-    "fp8_tensor": QuantMode.FP8_TENSOR,
-    "mxfp4": QuantMode.MXFP4,
+    None: "none",
+    "none": "none",
+    "fp8_group": "fp8_group",
+    "fp8_token": "fp8_token",
+    "fp8_tensor": "fp8_tensor",
+    "mxfp4": "mxfp4",
 }
 
 
 def _rows(name: str, t: object, lead: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``t [..., n]`` as a 2-D ``[m, n]`` tensor (a view when strides allow, else a copy)."""
+    """``t [..., n]`` as a 2-D ``[m, n]`` tensor (itself when 2-D, a view when strides allow, else a copy)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() < 1:
+    dim = t.dim()
+    if dim < 1:
         raise ValueError(f"{name} must have at least one dimension, got a scalar")
     if lead is not None and tuple(t.shape[:-1]) != lead:
         raise ValueError(f"{name} must have q's leading dimensions {list(lead)}, got shape {list(t.shape)}")
-    return t.reshape(-1, t.shape[-1])
+    return t if dim == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _qk_rmsnorm_args(
+    q: torch.Tensor,
+    q_weight: torch.Tensor,
+    k: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    q_residual: torch.Tensor | None,
+    q_epsilon: float,
+    k_epsilon: float | None,
+    gemma_norm: bool,
+    mode: str,
+    group_size: int | None,
+    fp8_dtype: torch.dtype,
+    transpose_scale: bool,
+    return_unquantized: bool,
+) -> tuple[Any, ...]:
+    """Allocate :func:`qk_rmsnorm`'s outputs for 2-D inputs; return the op's argument list."""
+    m, n1 = q.shape
+    dtype, dev = q.dtype, q.device
+    q_out = torch.empty_like(q) if (mode == "none" or return_unquantized) else None
+    k_out = None if k is None else torch.empty(k.shape, dtype=dtype, device=dev)
+    res_out = None if q_residual is None else torch.empty(q_residual.shape, dtype=dtype, device=dev)
+    quant_t = scale = None
+    gs = group_size
+    if mode == "mxfp4":
+        gs = 32 if group_size is None else group_size
+        quant_t = torch.empty((m, n1 // 2), dtype=torch.uint8, device=dev)
+        groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
+        scale = torch.empty((m, groups), dtype=torch.uint8, device=dev)
+    elif mode != "none":
+        if not isinstance(fp8_dtype, torch.dtype):
+            raise TypeError(f"fp8_dtype must be a torch.dtype, got {type(fp8_dtype).__name__}")
+        if fp8_dtype not in FP8_DTYPES:
+            raise TypeError(f"fp8_dtype must be torch.float8_e4m3fn or torch.float8_e4m3fnuz, got {fp8_dtype}")
+        quant_t = torch.empty((m, n1), dtype=fp8_dtype, device=dev)
+        if mode == "fp8_group":
+            gs = 128 if group_size is None else group_size
+            groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
+            scale = (
+                torch.empty((groups, m), dtype=torch.float32, device=dev).t()
+                if transpose_scale
+                else torch.empty((m, groups), dtype=torch.float32, device=dev)
+            )
+        elif mode == "fp8_token":
+            scale = torch.empty((m, 1), dtype=torch.float32, device=dev)
+        else:
+            scale = torch.empty((1,), dtype=torch.float32, device=dev)
+    return (
+        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, res_out, gemma_norm,
+        mode, gs, q_out, "q_out_unquantized", None, quant_t, scale, transpose_scale,
+    )  # fmt: skip
 
 
 def qk_rmsnorm(
@@ -342,61 +391,31 @@ def qk_rmsnorm(
     mode = _QUANT_NAMES[quant]
     q2 = _rows("q", q)
     lead = tuple(q.shape[:-1])
-    m, n1 = q2.shape
     k2 = None if k is None else _rows("k", k, lead)
     res2 = None if q_residual is None else _rows("q_residual", q_residual, lead)
-    q_out = torch.empty_like(q2) if (mode is QuantMode.NONE or return_unquantized) else None
-    k_out = None if k2 is None else torch.empty(k2.shape, dtype=q2.dtype, device=q2.device)
-    res_out = None if res2 is None else torch.empty(res2.shape, dtype=q2.dtype, device=q2.device)
-    quant_t = scale = None
-    gs = group_size
-    if mode is not QuantMode.NONE:
-        dev = q2.device
-        if mode is QuantMode.MXFP4:
-            gs = 32 if group_size is None else group_size
-            quant_t = torch.empty((m, n1 // 2), dtype=torch.uint8, device=dev)
-            groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
-            scale = torch.empty((m, groups), dtype=torch.uint8, device=dev)
-        else:
-            if not isinstance(fp8_dtype, torch.dtype):
-                raise TypeError(f"fp8_dtype must be a torch.dtype, got {type(fp8_dtype).__name__}")
-            quant_t = torch.empty((m, n1), dtype=fp8_dtype, device=dev)
-            if mode is QuantMode.FP8_GROUP:
-                gs = 128 if group_size is None else group_size
-                groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
-                scale = (
-                    torch.empty((groups, m), dtype=torch.float32, device=dev).t()
-                    if transpose_scale
-                    else torch.empty((m, groups), dtype=torch.float32, device=dev)
-                )
-            elif mode is QuantMode.FP8_TOKEN:
-                scale = torch.empty((m, 1), dtype=torch.float32, device=dev)
-            else:
-                scale = torch.empty((1,), dtype=torch.float32, device=dev)
-
-    req = build_request(
-        q=q2, q_weight=q_weight, q_epsilon=q_epsilon, k=k2, k_weight=k_weight, k_epsilon=k_epsilon,
-        k_out=k_out, q_residual=res2, q_res_out=res_out, gemma_norm=gemma_norm, mode=mode,
-        group_size=gs, q_out=q_out, q_out_quantized=quant_t, q_out_scale=scale,
-        transpose_scale=transpose_scale,
+    args = _qk_rmsnorm_args(
+        q2, q_weight, k2, k_weight, res2, q_epsilon, k_epsilon, gemma_norm, mode, group_size, fp8_dtype,
+        transpose_scale, return_unquantized,
     )  # fmt: skip
-    run_request(req)
+    submit(*args)
+    k_out, res_out, q_out, quant_t, scale = args[6], args[8], args[12], args[15], args[16]
 
-    def shaped(t: torch.Tensor | None, cols: int | None = None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        return t.reshape(*lead, t.shape[-1] if cols is None else cols)
+    q_main = q_out if mode == "none" else quant_t
+    q_unquantized = q_out if mode != "none" else None
+    if q2 is not q:  # leading dimensions other than one: give the outputs q's shape back
 
-    if mode is QuantMode.NONE:
-        q_main = shaped(q_out)
-    else:
-        q_main = shaped(quant_t)
-    if scale is not None and mode is not QuantMode.FP8_TENSOR and not transpose_scale:
-        scale = shaped(scale)
+        def shaped(t: torch.Tensor | None, cols: int | None = None) -> torch.Tensor | None:
+            return None if t is None else t.reshape(*lead, t.shape[-1] if cols is None else cols)
+
+        q_main, q_unquantized, res_out = shaped(q_main), shaped(q_unquantized), shaped(res_out)
+        if scale is not None and mode != "fp8_tensor" and not transpose_scale:
+            scale = shaped(scale)
+        if k_out is not None and k is not None:
+            k_out = k_out.reshape(k.shape)
     return QKNormOutput(
         q=q_main,  # type: ignore[arg-type]
         q_scale=scale,
-        k=None if k_out is None or k is None else k_out.reshape(k.shape),
-        q_unquantized=shaped(q_out) if mode is not QuantMode.NONE else None,
-        q_residual_out=shaped(res_out),
+        k=k_out,
+        q_unquantized=q_unquantized,
+        q_residual_out=res_out,
     )
