@@ -8,9 +8,15 @@ Public entry points (SPEC §2):
 - :func:`fused_qk_rmsnorm_legacy` - the pre-v0.1.14 aiter signature returning new tensors.
 - :func:`qk_rmsnorm` - the Pythonic functional entry (allocates, any leading dimensions).
 - :class:`QuantType` - aiter's enum, same names and values.
+- :class:`MLAQKNorm` (:mod:`qknorm.nn`) - DeepSeek/Kimi's ``q_a_layernorm`` and
+  ``kv_a_layernorm`` as one module, optionally quantizing q.
+- :func:`warmup` - probe, select and compile ahead of CUDA-graph capture.
+- ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) - the custom op torch.compile sees;
+  the entries above route through it while compiling.
 
-Importing qknorm does no work: no device queries, no environment reads, no optional imports.
-Backends are probed and chosen on first use (see :mod:`qknorm.backends.registry`).
+Importing qknorm does no work beyond registering that op with torch.library: no device
+queries, no environment reads, no optional imports. Backends are probed and chosen on first
+use (see :mod:`qknorm.backends.registry`).
 """
 
 from .api import (
@@ -21,11 +27,15 @@ from .api import (
     fused_qk_rmsnorm_per_token_quant,
     qk_rmsnorm,
 )
+from .nn import MLAQKNorm, MLAQKNormOutput
 from .quant import QuantMode, QuantType
+from .warmup import WarmupRecord, warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLAQKNorm",
+    "MLAQKNormOutput",
     "QKNormOutput",
     "QuantMode",
     "QuantType",
@@ -34,5 +44,7 @@ __all__ = [
     "fused_qk_rmsnorm_legacy",
     "fused_qk_rmsnorm_per_token_quant",
     "qk_rmsnorm",
+    "warmup",
+    "WarmupRecord",
     "__version__",
 ]

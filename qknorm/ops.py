@@ -170,7 +170,11 @@ def submit(
     the call goes through ``torch.ops.qknorm.fused_qk_rmsnorm`` so the graph holds one opaque
     op; in plain eager mode :func:`qknorm.fastpath.execute` runs it without the dispatcher.
     """
-    if torch.compiler.is_compiling() or _dispatch_depth() or (q.__class__ is not torch.Tensor and isinstance(q, torch.Tensor)):
+    if (
+        torch.compiler.is_compiling()
+        or _dispatch_depth()
+        or (q.__class__ is not torch.Tensor and isinstance(q, torch.Tensor))
+    ):
         _op(
             q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm, quant_mode,
             group_size, q_out, q_out_name, q_out_copy, q_out_quantized, q_out_scale, transpose_scale,
