@@ -30,7 +30,6 @@ Broken kinds (:data:`BROKEN_KINDS`): ``missing_module`` (aiter without the fused
 Usage in a test (the fake is importable as ``aiter`` inside the block; qknorm's ``aiter``
 backend is made eligible for CPU tensors, which production never does)::
 
-    import os
     from qknorm.testing import fake_aiter
 
     def test_engine_on_aiter_v0_1_16(monkeypatch):
@@ -39,7 +38,8 @@ backend is made eligible for CPU tensors, which production never does)::
             run_my_engine_layer()               # qknorm calls now reach the fake aiter
             assert "unified" in fake.calls
 
-or, for a subprocess, ``write_fake_aiter(tmp_path, "import_oserror")`` and put ``tmp_path``
+Inside the block ``import aiter`` gives the fake too, so an engine's own aiter code paths run
+against it. For a subprocess, ``write_fake_aiter(tmp_path, "import_oserror")`` and put ``tmp_path``
 first on ``PYTHONPATH``.
 """
 
