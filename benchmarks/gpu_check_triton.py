@@ -164,6 +164,20 @@ def overhead() -> dict[str, float]:
         )
     )
     res["public qk_rmsnorm (allocating)"] = wall_us(lambda: qknorm.qk_rmsnorm(b.q, b.qw, b.k, b.kw))
+    ts = [b.q, b.k, b.q_out, b.k_out, b.qw, b.kw, b.q, b.q, b.q, b.q]
+    res["10 x data_ptr()"] = wall_us(lambda: [t.data_ptr() for t in ts], calls=20000)
+    res["torch.cuda.current_device()"] = wall_us(torch.cuda.current_device, calls=20000)
+    res["triton get_current_stream"] = wall_us(lambda: be._stream(0), calls=20000)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3000):
+        be.run(b.req)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     return res
 
 
@@ -247,9 +261,9 @@ def sweep(ms: Sequence[int]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for m in ms:
         if m <= 256:
-            cands = [tb._Config(qr, kr, w) for qr in (1, 2) for kr in (1, 4) for w in (2, 4, 8)]
+            cands = [tb._Config(1, 1, w) for w in (2, 4, 8)] + [tb._Config(2, 2, 4), tb._Config(1, 4, 4)]
         else:
-            cands = [tb._Config(qr, qr * 4, w) for qr in (1, 2, 4) for w in (2, 4, 8)]
+            cands = [tb._Config(qr, qr * 4, w) for qr, w in ((2, 2), (2, 4), (1, 4), (4, 2), (4, 4), (2, 8))]
         for mode in ("norm", "fp8"):
             sets = buffer_sets(m, True, mode)
             res = []

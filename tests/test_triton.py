@@ -30,7 +30,7 @@ from qknorm.backends.triton_backend import TritonBackend
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode, QuantType
 from qknorm.reference import qk_rmsnorm_reference
-from qknorm.testing import assert_norm_close
+from qknorm.testing import assert_fp8_close, assert_norm_close, assert_scales_close
 
 triton = pytest.importorskip("triton")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -260,8 +260,8 @@ def test_in_place_forms(form: str, chunked: bool) -> None:
     if actual.q_res_out is not None:
         assert torch.equal(actual.q_res_out.view(torch.int16), expected.q_res_out.view(torch.int16))  # type: ignore[union-attr]
     if actual.q_quant is not None:
-        assert torch.equal(actual.q_quant.view(torch.uint8), expected.q_quant.view(torch.uint8))  # type: ignore[union-attr]
-        assert torch.equal(actual.q_scale, expected.q_scale)
+        assert_fp8_close(actual.q_quant, expected.q_quant)  # type: ignore[arg-type]
+        assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
 class _NoLaunch:
@@ -417,8 +417,8 @@ def test_gpu_repeated_calls_reuse_the_bound_launch(mode: QuantMode) -> None:
         qk_rmsnorm_reference(expected)
         assert_norm_close(actual.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
         if mode.is_fp8:
-            assert torch.equal(actual.q_quant.view(torch.uint8), expected.q_quant.view(torch.uint8))  # type: ignore[union-attr]
-            assert torch.equal(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
+            assert_fp8_close(actual.q_quant, expected.q_quant)  # type: ignore[arg-type]
+            assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
         else:
             assert_norm_close(actual.q_out, expected.q_out, "q_out")  # type: ignore[arg-type]
     (plan,) = be._plans.values()

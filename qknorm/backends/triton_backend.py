@@ -44,15 +44,28 @@ __all__ = ["TritonBackend"]
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- heuristics
-# Notes (H100 80GB HBM3, DeepSeek q [M,1536] + k [M,512] bf16): filled in from
-# benchmarks/gpu_check_triton.py; see the module docstring for the reasoning.
+# Chosen from benchmarks/gpu_check_triton.py --sweep on an NVIDIA H100 80GB HBM3 (2026-11-27,
+# triton 3.6.0, torch 2.11.0+cu130), DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112],
+# CUDA-graph replay, µs per call, rotating inputs (cold L2) unless "hot":
+#   M=1      norm 1.55 (1 q row, 1 k row per program, 4 warps; 8 warps 1.55, 2 warps 1.57)
+#            FP8 1x128 1.76 (4 warps; 8 warps 1.78)  [device copy of the same bytes: 0.96]
+#   M=256    norm 2.16 cold / ~2.0 hot (1/1/4; k rows packed 4 per program: 2.24)
+#            FP8 2.25 cold / 2.20 hot  [copy 1.49]
+#   M=4096   norm 13.71 cold (2 q rows, 8 k rows, 4 warps; 8 warps: 14.68)  [copy 13.31 cold, 7.80 hot]
+#            FP8 14.44-14.81 (1/4/4, 2/8/4)
+#   M=65536  norm 181.0 (2/8/4; 8 warps: 196)  [copy 178.9: 98.8%]
+#            FP8 168.8 (2/8/2), 177 (1/4/4), 192 (2/8/8)
+# With the rsqrt-based r (_rstd) FP8 at M=65536 dropped a further 8% (192 -> 176 at 2/8/8).
+# More warps only pay for latency at decode sizes; at prefill each thread should own 32
+# elements (64 when quantizing: the per-element arithmetic then hides more memory latency).
 _DECODE_MAX_M = 256
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
 _CHUNK = 4096  # columns per pass for wider rows
 _EPT_DECODE = 16  # elements per thread at decode sizes
-_EPT_PREFILL = 16  # elements per thread at prefill sizes
+_EPT_PREFILL = 32  # elements per thread at prefill sizes
+_EPT_PREFILL_QUANT = 64  # ... when quantizing, above the last bucket
 _TILE_PREFILL = 4096  # elements per program at prefill sizes
 _AMAX_PROGRAMS = 512  # programs of the per-tensor amax launch (the partials every program re-reads)
 
@@ -90,6 +103,7 @@ class _Plan:
     k_chunked: bool
     constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
     two_pass: bool  # per-tensor FP8: an amax launch first
+    quantizes: bool  # q is quantized (more arithmetic per element: fewer warps pay at prefill)
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
     configs: dict[int, _Config] = field(default_factory=dict)
@@ -100,15 +114,15 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule)."""
     m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
     if plan.q_chunked:
-        q_rows, q_tile = 1, plan.q_block
+        q_rows, q_tile, ept = 1, plan.q_block, _EPT_DECODE
     elif m_hi <= _DECODE_MAX_M:
-        q_rows, q_tile = 1, plan.q_block
+        q_rows, q_tile, ept = 1, plan.q_block, _EPT_DECODE
     else:
         q_rows = max(1, min(_TILE_PREFILL // plan.q_block, m_hi))
         q_tile = q_rows * plan.q_block
-    ept = _EPT_DECODE if m_hi <= _DECODE_MAX_M else _EPT_PREFILL
+        ept = _EPT_PREFILL_QUANT if plan.quantizes and m_hi > _BUCKETS[-1] else _EPT_PREFILL
     num_warps = max(1, min(16, q_tile // (32 * ept)))
-    k_rows = 1 if plan.k_chunked else max(1, min(q_tile // plan.k_block, _next_pow2(m_hi)))
+    k_rows = 1 if plan.k_chunked or m_hi <= _DECODE_MAX_M else max(1, min(q_tile // plan.k_block, m_hi))
     return _Config(q_rows=q_rows, k_rows=k_rows, num_warps=num_warps)
 
 
@@ -227,7 +241,7 @@ class TritonBackend:
         )  # fmt: skip
         plan = _Plan(
             n1=n1, n2=n2, q_block=q_block, q_chunked=q_chunked, k_block=k_block, k_chunked=k_chunked,
-            constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
+            constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR, quantizes=mode is not QuantMode.NONE,
             fnuz_view=fnuz, device_index=req.device.index if req.device.type == "cuda" else None,
         )  # fmt: skip
         self._plans[key] = plan
@@ -285,7 +299,7 @@ class TritonBackend:
         fast = plan.fast.get(fast_key)
         if fast is not None:
             ptrs = [t.data_ptr() for t in tensors]
-            if not reduce(or_, ptrs) & 15 and m < 1 << 31 and self._hooks.launch_enter_hook is None:
+            if not reduce(or_, ptrs) & 15 and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
                 fast(grid, self._stream(plan.device_index), _args(ptrs, strides, ptrs[0], 0, scalars))
                 return
         tail = self._tail(plan, cfg, plan.constexprs)

@@ -6,10 +6,10 @@ or the whole padded row without group quantization), so group maxima are plain r
 the last axis. Rows wider than one tile are processed by :func:`_row_chunked` in passes over
 column chunks. The launcher (``triton_backend.py``) chooses every compile-time knob.
 
-Numerics, exactly as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
-``r = 1 / sqrt_rn(sum(x^2) / n + eps)`` (both correctly rounded, as torch's CPU rsqrt),
-``y = (x * r) * w``; quantization reads the fp32 ``y``; divisions are IEEE (``div_rn``, Triton's
-``/`` is approximate on NVIDIA). Amax is an integer max over ``|y|``'s bits: for non-negative
+Numerics as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
+``r = rsqrt(sum(x^2) * fl32(1/n) + eps)`` (within ~2 ulp of r, as SPEC §4.2 allows),
+``y = (x * r) * w``; quantization reads the fp32 ``y``; ``y / scale`` is correctly rounded
+(:func:`_quotient`; Triton's ``/`` is approximate on NVIDIA). Amax is an integer max over ``|y|``'s bits: for non-negative
 floats integer order is float order and NaN sorts above inf, so NaN propagates as in torch.amax.
 Float conversions that the target cannot do natively with round-to-nearest-even (bf16 and FP8
 under the interpreter or on ROCm, e4m3fnuz everywhere) use the exact software encoders below.
@@ -174,9 +174,12 @@ def _load_w(W_PTR, cols, mask, GEMMA: tl.constexpr):
 
 @triton.jit
 def _rstd(sumsq, N: tl.constexpr, eps):
-    """r = 1 / sqrt(sumsq / N + eps), each step correctly rounded."""
-    s = tl.sqrt_rn(_div(sumsq, tl.full(sumsq.shape, N, tl.float32)) + eps)
-    return _div(tl.full(s.shape, 1.0, tl.float32), s)
+    """r = rsqrt(sumsq * fl32(1/N) + eps): within ~2 ulp of the exact r (SPEC §4.2 allows it).
+
+    The correctly rounded form (``1 / sqrt_rn(sumsq / N + eps)``) branches to IEEE slow paths
+    three times per row; measured on the H100 it cost 8% at M = 65536 with FP8 quantization.
+    """
+    return tl.rsqrt(sumsq * (1.0 / N) + eps)
 
 
 @triton.jit
