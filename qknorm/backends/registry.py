@@ -22,7 +22,7 @@ Failure handling:
 
 Nothing here runs at import: the environment is read and backends are probed on the first
 call, under one lock, never during CUDA-graph capture or torch.compile tracing (selection
-then raises :class:`BackendError`; run the call once eagerly first).
+then raises :class:`BackendError`; run the call once eagerly first, or ``qknorm.warmup``).
 
 Test hooks: :func:`reset` forgets probes, choices and the environment; :func:`set_policy`
 replaces the default device policy; :func:`register_backend` swaps a backend's factory
@@ -279,12 +279,13 @@ def _guard_first_use(req: QKNormRequest) -> None:
     if _is_compiling():
         raise BackendError(
             f"qknorm must choose a backend for a new request ({_describe(req)}) while torch.compile is "
-            "tracing; run the call once eagerly before compiling (or use the torch.ops.qknorm custom ops)"
+            "tracing; call qknorm.warmup(...) or run the call once eagerly before compiling (or use the "
+            "torch.ops.qknorm custom ops)"
         )
     if req.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise BackendError(
             f"qknorm must choose a backend for a new request ({_describe(req)}) during CUDA-graph capture; "
-            "run the call once eagerly with this shape and dtype before capturing"
+            "call qknorm.warmup(...) or run the call once eagerly with this shape and dtype before capturing"
         )
 
 
