@@ -42,6 +42,9 @@ _FP32_MAX = (2.0 - 2.0**-23) * 2.0**127
 def _tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:  # sparse/nested tensors have no usable strides
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got {kind}")
     return t
 
 

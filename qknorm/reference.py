@@ -104,8 +104,13 @@ def mxfp4_quantize(y: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     return pack_nibbles(codes.reshape(m, n)), e.to(torch.uint8)
 
 
+@torch.no_grad()
 def qk_rmsnorm_reference(req: QKNormRequest) -> None:
-    """Compute every output of ``req`` by SPEC §4 and write them (no-op for m = 0)."""
+    """Compute every output of ``req`` by SPEC §4 and write them (no-op for m = 0).
+
+    Runs without autograd like every kernel backend: an output that requires grad is written
+    whole (autograd would refuse the in-place write part-way through the outputs).
+    """
     if req.m == 0:
         return
     dtype = req.dtype

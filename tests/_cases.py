@@ -197,7 +197,9 @@ class Snapshot:
 
     def __init__(self, *tensors: object) -> None:
         self.items = [
-            (t, storage_bytes(t).clone()) for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"
+            (t, storage_bytes(t).clone())
+            for t in tensors
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided and not t.is_nested
         ]
 
     def assert_unchanged(self) -> None:
@@ -342,9 +344,13 @@ def rmsnorm64(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False)
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN payloads included) of two tensors of one dtype and shape."""
-    return a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8).cpu(), b.contiguous().view(torch.uint8).cpu()
-    )
+    return a.shape == b.shape and torch.equal(_raw(a), _raw(b))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` in row-major order (any strides, size-1 dimensions included)."""
+    dense = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)  # strides of a fresh tensor
+    return dense.reshape(-1).view(torch.uint8).cpu()
 
 
 def assert_same_nan_or_bits(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -353,7 +359,7 @@ def assert_same_nan_or_bits(actual: torch.Tensor, expected: torch.Tensor, name: 
     nan_e = torch.isnan(e)
     if not torch.equal(torch.isnan(a), nan_e):
         raise AssertionError(f"{name}: NaN positions differ")
-    ok = bits_equal(actual.cpu().contiguous()[~nan_e], expected.cpu().contiguous()[~nan_e])
+    ok = bits_equal(actual.cpu()[~nan_e], expected.cpu()[~nan_e])
     if not ok:
         diff = int((a[~nan_e] != e[~nan_e]).sum())
         raise AssertionError(f"{name}: {diff} elements differ from the bit-exact expectation")
@@ -681,12 +687,12 @@ def compare(case: Case, actual: dict[str, torch.Tensor], expected: dict[str, tor
     e_quant, e_scale = expected["q_quant"].clone(), expected["q_scale"].clone()
     m, groups = case.m, case.n1 // case.gs
     if case.mode == "fp8_tensor":
-        a_scale = q_scale.reshape(1, 1).float().cpu()
+        a_scale = q_scale.reshape(1, 1).float().cpu().clone()
         e_scale = e_scale.reshape(1, 1)
     elif case.mode == "mxfp4":
         a_scale = q_scale.reshape(m, groups).view(torch.uint8).cpu().clone()
     else:
-        a_scale = q_scale.reshape(m, groups).float().cpu()
+        a_scale = q_scale.reshape(m, groups).float().cpu().clone()  # blanked below: never alias the output
     e_scale = e_scale.cpu()
     a_quant = q_quant.reshape(m, case.n1 // 2 if case.mode == "mxfp4" else case.n1).cpu().clone()
     e_quant = e_quant.cpu()
