@@ -115,6 +115,50 @@ def test_encoders_match_torch_casts_bit_for_bit(fp8: torch.dtype, native: bool) 
     assert torch.equal(e2m1, exp_e2m1)
 
 
+@triton.jit
+def _quotient_kernel(Y_PTR, D_PTR, OUT_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(Y_PTR + offs, mask=mask, other=1.0)
+    d = tl.load(D_PTR + offs, mask=mask, other=1.0)
+    tl.store(OUT_PTR + offs, tk._quotient(y, d, FMA), mask=mask)
+
+
+def _quotients(y: torch.Tensor, d: torch.Tensor, fma: bool) -> torch.Tensor:
+    y, d = y.to(DEVICE), d.to(DEVICE)
+    out = torch.empty_like(y)
+    _quotient_kernel[(triton.cdiv(y.numel(), 1024),)](y, d, out, y.numel(), FMA=fma, BLOCK=1024)
+    return out.cpu()
+
+
+def _assert_ieee_quotients(actual: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> None:
+    expected = y / d  # torch's fp32 division is IEEE on the CPU
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan)
+    bad = actual[~nan].view(torch.int32) != expected[~nan].view(torch.int32)
+    assert not bad.any(), (
+        f"{int(bad.sum())} quotients differ, e.g. {y[~nan][bad][:4].tolist()} / {d[~nan][bad][:4].tolist()}"
+    )
+
+
+@pytest.mark.parametrize("fma", [False, True], ids=["div_rn", "fma"])
+def test_quotient_of_exact_and_special_values_keeps_signs(fma: bool) -> None:
+    """Exact quotients (signed zeros included), infinite and NaN divisors: the bits of y / d."""
+    ys = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 448.0, -448.0, 2.0**-120, -(2.0**-120), math.inf, math.nan])
+    ds = torch.tensor([1.0, 2.0, 0.5, 0.25, 2.0**-40, math.inf, math.nan])
+    y, d = ys.repeat_interleave(len(ds)), ds.repeat(len(ys))
+    _assert_ieee_quotients(_quotients(y, d, fma), y, d)
+
+
+@pytest.mark.gpu
+def test_gpu_quotient_is_correctly_rounded() -> None:
+    """The fused-correction quotient equals IEEE division bit for bit on random FP8-scale operands."""
+    gen = torch.Generator().manual_seed(7)
+    d = torch.exp(torch.empty(200_000).uniform_(-25, 5, generator=gen)).float()
+    y = (torch.rand(200_000, generator=gen) * 2 - 1) * d * 448.0
+    _assert_ieee_quotients(_quotients(y, d, True), y, d)
+
+
 # ----------------------------------------------------------------------------- whole calls
 
 _G = QuantType.per_1x128.value

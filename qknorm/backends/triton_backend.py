@@ -3,24 +3,31 @@
 One launch normalizes q rows and k rows together (per-tensor FP8 takes two: a first launch
 reduces the amax of y over all of q, the second quantizes with it). Everything that does not
 depend on the row count is worked out once per request key (:class:`_Plan`); the launch
-configuration is chosen per (key, M bucket) from the shape alone, never by autotuning, so a
-call costs a dict lookup and one kernel launch. Triton is imported on first use only.
+configuration is chosen per (key, M bucket) from the shape alone, never by autotuning.
+Triton is imported on first use only.
 
-Heuristics
-----------
-- Tile: ``[rows, groups, group]`` with the quantization group as the last axis (so group
-  maxima are reductions within a thread and a few lanes), or ``[rows, 1, next_pow2(n)]``.
-  Rows whose padded width exceeds ``_MAX_SINGLE`` columns are processed one per program in
+Heuristics (measured numbers in the notes block below)
+------------------------------------------------------
+- Tile: ``[rows, groups, group]`` with the quantization group as the last axis (group maxima
+  are reductions within a thread and a few lanes), or ``[rows, 1, next_pow2(n)]``. Rows whose
+  padded width exceeds ``_MAX_SINGLE`` columns are processed one per program in
   ``_CHUNK``-column passes (sum of squares, [span amax], write), re-reading the row from L2.
-- Decode (M <= 256): one q row per program, k rows packed so a k program's tile matches a q
-  program's; warps so that each thread holds ``_EPT_DECODE`` elements: every load is issued
-  before the first reduction and the row's latency is one memory round trip.
-- Prefill: several rows per program (tile of about ``_TILE_PREFILL`` elements), 16-byte
-  vectors (strides and widths divisible by 16 elements are specialized by Triton), warps for
-  ``_EPT_PREFILL`` elements per thread.
+- Decode (M <= 256): one q row and one k row per program, warps so that each thread holds
+  ``_EPT_DECODE`` elements: all loads are in flight before the first reduction, and a row
+  costs one memory round trip.
+- Prefill: ``_TILE_PREFILL`` elements per program (2 DeepSeek q rows, 8 k rows), 16-byte
+  vectors (Triton specializes strides divisible by 16), ``_EPT_PREFILL`` elements per thread.
 
-Measured (NVIDIA H100 80GB HBM3, triton 3.6.0, torch 2.11.0+cu130): see the notes block at
-``_DECODE_MAX_M`` below.
+Per-call cost
+-------------
+The first call of a (configuration, integer arguments) signature goes through Triton's
+``kernel[grid](...)``, which compiles on first use and returns the compiled kernel; later
+calls with 16-byte aligned pointers launch that kernel directly through Triton's C launch
+entry with integer pointers (:func:`_bind_fast`, enabled for Triton 3.6 on CUDA only).
+Triton's own path re-derives the specialization of ~50 arguments and asks the driver about
+every pointer on each call. On the H100 host below (a slow CPU: an empty Triton kernel costs
+11-20 µs to launch from Python there, 3.5 µs on the machine of the peers' table),
+``TritonBackend.run`` on a built request went from 42 µs to 21 µs per call at M = 1.
 """
 
 from __future__ import annotations
@@ -44,20 +51,29 @@ __all__ = ["TritonBackend"]
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- heuristics
-# Chosen from benchmarks/gpu_check_triton.py --sweep on an NVIDIA H100 80GB HBM3 (2026-11-27,
-# triton 3.6.0, torch 2.11.0+cu130), DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112],
-# CUDA-graph replay, µs per call, rotating inputs (cold L2) unless "hot":
-#   M=1      norm 1.55 (1 q row, 1 k row per program, 4 warps; 8 warps 1.55, 2 warps 1.57)
-#            FP8 1x128 1.76 (4 warps; 8 warps 1.78)  [device copy of the same bytes: 0.96]
-#   M=256    norm 2.16 cold / ~2.0 hot (1/1/4; k rows packed 4 per program: 2.24)
-#            FP8 2.25 cold / 2.20 hot  [copy 1.49]
-#   M=4096   norm 13.71 cold (2 q rows, 8 k rows, 4 warps; 8 warps: 14.68)  [copy 13.31 cold, 7.80 hot]
-#            FP8 14.44-14.81 (1/4/4, 2/8/4)
-#   M=65536  norm 181.0 (2/8/4; 8 warps: 196)  [copy 178.9: 98.8%]
-#            FP8 168.8 (2/8/2), 177 (1/4/4), 192 (2/8/8)
-# With the rsqrt-based r (_rstd) FP8 at M=65536 dropped a further 8% (192 -> 176 at 2/8/8).
-# More warps only pay for latency at decode sizes; at prefill each thread should own 32
-# elements (64 when quantizing: the per-element arithmetic then hides more memory latency).
+# Notes: NVIDIA H100 80GB HBM3, 2026-11-27, triton 3.6.0, torch 2.11.0+cu130, measured with
+# benchmarks/gpu_check_triton.py. DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112],
+# FP8 = norm + 1x128 group quantization of q (codes, scales, k). CUDA-graph replay, µs per
+# call; "cold": inputs rotate over ~200 MB of buffers, "hot": one buffer set (stays in L2).
+#
+#   M       device copy       norm strided      norm contig   FP8 strided      FP8 contig
+#   1       1.03              1.54              1.53          1.72             1.73
+#   16      1.31              1.60              1.63          1.81             1.82
+#   256     1.55              2.28 (hot 2.03)   2.24          2.35 (hot 2.25)  2.25
+#   4096    13.53 (hot 8.02)  13.48 (hot 8.11)  13.34         14.91 (hot 11.46) 14.65
+#   16384   47.47             48.01             47.17         46.55            45.50
+#   65536   179.63            183.05            180.01        161.20           158.42
+#
+# Configurations (q rows / k rows / warps) from the sweep of the same script:
+#   M=1     norm 1/1/4 1.49, 1/1/8 1.46, 1/1/2 1.51;  FP8 1/1/4 1.70, 1/1/8 1.69, 1/1/2 2.00
+#   M=256   norm 1/1/4 2.06, 2/2/4 2.13, 1/1/2 2.14;  FP8 1/1/4 2.22, 1/4/4 2.14, 1/1/8 2.37
+#   M=4096  norm 2/8/4 13.35, 2/8/8 13.59, 1/4/4 14.16;  FP8 1/4/4 13.68, 2/8/2 13.83, 2/8/4 14.48
+#   M=65536 norm 2/8/4 182.4, 4/16/4 182.3, 1/4/4 182.6;  FP8 2/8/2 161.1, 4/16/2 162.6, 1/4/4 169.3
+# More warps only pay for latency at decode sizes; at prefill a thread should own 32 elements
+# (64 when quantizing at large M: the extra arithmetic then hides more memory latency).
+# Earlier versions, same machine: FP8 with one IEEE division per element 3.94 µs at M=1 and
+# 285 µs at M=65536 (each division branches to a slow path); the correctly rounded r
+# (1/sqrt_rn) instead of rsqrt cost 8% at M=65536 with FP8.
 _DECODE_MAX_M = 256
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 16384)
@@ -355,11 +371,10 @@ def _args(
 def _bind_fast(ck: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None]:
     """A direct launcher for one compiled kernel: Triton's C launch entry with integer pointers.
 
-    Triton's ``JITFunction.run`` re-derives the specialization of ~45 arguments and queries the
-    driver for every tensor pointer on each call (~30 µs on the H100 host, see the notes at the
-    top). The compiled kernel is only valid for the specialization it was built for, so the
-    caller keys it by the exact integer arguments and uses it only for 16-byte aligned pointers
-    (what the first, regular launch was specialized on) and 32-bit row counts.
+    The compiled kernel is only valid for the specialization it was built for, so the caller
+    keys it by the exact integer arguments and uses it only for 16-byte aligned pointers (what
+    the first, regular launch was specialized on), 32-bit row counts and no registered launch
+    hooks (profilers). Per-tensor FP8 (two launches) always takes Triton's own path.
     """
     launcher = ck.run
     function, meta = ck.function, ck.packed_metadata

@@ -9,10 +9,11 @@ column chunks. The launcher (``triton_backend.py``) chooses every compile-time k
 Numerics as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
 ``r = rsqrt(sum(x^2) * fl32(1/n) + eps)`` (within ~2 ulp of r, as SPEC §4.2 allows),
 ``y = (x * r) * w``; quantization reads the fp32 ``y``; ``y / scale`` is correctly rounded
-(:func:`_quotient`; Triton's ``/`` is approximate on NVIDIA). Amax is an integer max over ``|y|``'s bits: for non-negative
-floats integer order is float order and NaN sorts above inf, so NaN propagates as in torch.amax.
-Float conversions that the target cannot do natively with round-to-nearest-even (bf16 and FP8
-under the interpreter or on ROCm, e4m3fnuz everywhere) use the exact software encoders below.
+(:func:`_quotient`; Triton's ``/`` is approximate on NVIDIA). Amax is an integer max over the
+bits of ``|y|``: for non-negative floats integer order is float order and NaN sorts above inf,
+so NaN propagates as in torch.amax. Float conversions that the target cannot do natively with
+round-to-nearest-even (bf16 and FP8 under the interpreter or on ROCm, e4m3fnuz everywhere) use
+the exact software encoders below. Per-tensor FP8 is two launches (see the kernel's docstring).
 """
 
 from __future__ import annotations
@@ -110,16 +111,17 @@ def _quotient(y, d, FMA: tl.constexpr):
     With a fused multiply-add: Markstein's correction of q0 = y * RN(1/d): r = y - q0*d is exact
     and RN(q0 + r * RN(1/d)) = RN(y/d) (q0 is within 1 ulp; no over/underflow here: d >= 2^-43,
     |y/d| <= FMAX). One IEEE division per group instead of one per element: ``div_rn`` per
-    element branches to a slow path and serializes the row. d = inf gives rcp = 0 and r = NaN:
-    then q0 (0, or NaN for y = inf) is the quotient. Without FMA (the interpreter): ``div_rn``.
+    element branches to a slow path and serializes the row. Where r = 0, q0 is already exact and
+    is kept (q0 + 0 would turn -0 into +0); where r is NaN (an infinite, zero or NaN operand),
+    q0 is IEEE's answer too. Without FMA (the interpreter rounds the product): ``div_rn``.
     """
     if FMA:
         rcp = _div(tl.full(d.shape, 1.0, tl.float32), d)
         y, rcp = tl.broadcast(y, rcp)
         y, d = tl.broadcast(y, d)
         q0 = y * rcp
-        q1 = tl.fma(tl.fma(-q0, d, y), rcp, q0)
-        return tl.where(rcp == 0.0, q0, q1)
+        r = tl.fma(-q0, d, y)
+        return tl.where((r == 0.0) | (r != r), q0, tl.fma(r, rcp, q0))
     else:
         return _div(y, d)
 
@@ -210,7 +212,7 @@ def _write_tile(
         gscale = _group_amax(y, mask) * INV_FMAX
         codes = _fp8_values(y, gscale, FMAX, FNUZ, NATIVE_FP8, FMA)
         _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
-        tl.store(SCALE_PTR + rows * scale_stride_m + g * scale_stride_g, gscale, mask=gmask)
+        tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, gscale, mask=gmask)
     elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
         codes = _fp8_values(y, scale, FMAX, FNUZ, NATIVE_FP8, FMA)
         _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
@@ -224,7 +226,7 @@ def _write_tile(
         lo, hi = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], GS // 2, 2)))
         half = g * (GS // 2) + tl.arange(0, GS // 2)[None, None, :]
         tl.store(QUANT_PTR + rows * quant_stride + half, (lo | (hi << 4)).to(tl.uint8), mask=gmask)
-        tl.store(SCALE_PTR + rows * scale_stride_m + g * scale_stride_g, e.to(tl.uint8), mask=gmask)
+        tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, e.to(tl.uint8), mask=gmask)
 
 
 @triton.jit
