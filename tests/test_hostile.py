@@ -410,3 +410,61 @@ def test_supported_inplace_forms_match_out_of_place(backend: str, form: str, mod
     else:
         assert_fp8_close(got["q_quant"], want["q_quant"])
         assert_scales_close(got["q_scale"], want["q_scale"])
+
+
+# ----------------------------------------------------------------------------- validation on repeated calls
+
+OUTPUT_ARGS = ("q_out_quantized", "q_out_scale", "q_out_unquantized", "k_out", "q_res_out")
+
+
+def _fresh_twin(kw: dict[str, Any]) -> dict[str, Any]:
+    """The same call with every output in fresh memory: same types, dtypes, shapes and strides."""
+    twin = dict(kw)
+    for name in OUTPUT_ARGS:
+        t = kw.get(name)
+        if isinstance(t, torch.Tensor):
+            twin[name] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return twin
+
+
+@pytest.mark.parametrize("name", list(OVERLAPS))
+def test_overlaps_rejected_after_a_valid_call_with_the_same_signature(name: str) -> None:
+    """Validation may be cached per argument signature (types, dtypes, shapes, strides, scalars);
+    where the tensors sit in memory is not part of it, so an overlapping call that looks exactly
+    like an earlier valid one must still be rejected, with nothing written."""
+    kw = OVERLAPS[name](_call())
+    twin = _fresh_twin(kw)
+    for _ in range(2):  # the second valid call finds whatever the first one cached
+        qknorm.fused_qk_rmsnorm(**twin)
+    rejected(kw, ValueError, "overlap")
+
+
+def test_partial_overlap_rejected_after_the_same_signature_ran_in_place() -> None:
+    """q_out_unquantized is q (supported) first; then a view shifted by one element, same shape and strides."""
+    base = _shared(M, 2 * N1 + 1)
+    base.copy_(torch.randn(M, 2 * N1 + 1, generator=torch.Generator().manual_seed(8)).to(F16))
+    q = base[:, :N1]
+    w = torch.ones(N1, dtype=F16, device=DEVICE)
+    quant = torch.empty(M, N1, dtype=torch.float8_e4m3fn, device=DEVICE)
+    scale = torch.empty(M, 1, device=DEVICE)
+    for _ in range(2):
+        qknorm.fused_qk_rmsnorm(quant, scale, q, w, q_out_unquantized=q, quant_type=QuantType.per_Token)
+    shifted = base[:, 1 : N1 + 1]
+    assert shifted.shape == q.shape and shifted.stride() == q.stride()
+    rejected({"q_out_quantized": quant, "q_out_scale": scale, "q": q, "q_weight": w, "q_out_unquantized": shifted,
+              "quant_type": QuantType.per_Token}, ValueError, "q_out_unquantized", "overlap")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse", "eps", "gemma"])
+def test_bad_arguments_rejected_after_valid_calls(kind: str) -> None:
+    """A valid call, repeated, then the same call with one bad argument: still rejected."""
+    kw = _call()
+    for _ in range(2):
+        qknorm.fused_qk_rmsnorm(**_fresh_twin(kw))
+    bad = {
+        "meta": {"k_out": _on(kw["k_out"], "meta")},
+        "sparse": {"k": kw["k"].to_sparse()},
+        "eps": {"q_epsilon": 1e-50},
+        "gemma": {"gemma_norm": 1},
+    }[kind]
+    rejected(kw | bad, TypeError if kind in ("sparse", "gemma") else ValueError)

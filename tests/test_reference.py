@@ -177,6 +177,25 @@ FP8_TABLES = {torch.float8_e4m3fn: E4M3FN_CODES, torch.float8_e4m3fnuz: E4M3FNUZ
 
 
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=["e4m3fn", "e4m3fnuz"])
+def test_largest_element_lands_on_fmax_for_every_fp16_and_bf16_amax(fp8: torch.dtype) -> None:
+    """Rule 7's clamp: v = amax / fl32(amax * fl32(1/FMAX)) for every positive finite fp16 and
+    normal bf16 amax above the floor stays within half a step of FMAX, so the clamp (and RNE)
+    give exactly +-FMAX; the clamp keeps the rare v > FMAX from rounding past it (NaN in e4m3fnuz
+    beyond 248)."""
+    fmax = FP8_FORMATS[fp8].fmax
+    bits = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16)
+    fp16 = bits.view(torch.float16).float()
+    bf16 = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    amax = torch.cat((fp16, bf16))
+    amax = amax[amax > 1e-10]
+    scale = amax * torch.tensor(fl32(1.0 / fmax))
+    v = amax / scale
+    assert float((v - fmax).abs().max()) <= fmax * 2.0**-22
+    codes = torch.clamp(v, -fmax, fmax).to(fp8).view(torch.uint8)
+    assert set(codes.tolist()) == {FP8_FORMATS[fp8].encode(fmax)}
+
+
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=["e4m3fn", "e4m3fnuz"])
 def test_fp8_table_matches_format_definition(fp8: torch.dtype) -> None:
     fmt = FP8_FORMATS[fp8]
     for value, code in FP8_TABLES[fp8]:
