@@ -8,6 +8,8 @@ compared with :mod:`qknorm.reference` run on contiguous copies, per ``qknorm.tes
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _cases import DEVICE, E8M0FNU, FP4_X2, Case, bits_equal, buffer, make_inputs, run_case
@@ -16,6 +18,8 @@ import qknorm
 from qknorm import QuantType
 from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
 
+_empty = functools.partial(torch.empty, device=DEVICE)
+_ones = functools.partial(torch.ones, device=DEVICE)
 G128 = (QuantType.per_1x128, QuantType.per_128x128, QuantType.per_256x128, QuantType.per_1024x128)
 
 
@@ -42,9 +46,9 @@ def test_quant_type_names_and_values_equal_aiters() -> None:
 
 def test_unified_entry_accepts_plain_ints_for_quant_type() -> None:
     inp = make_inputs(Case(m=2, n1=64))
-    a = torch.empty(2, 64, dtype=torch.float8_e4m3fn)
-    b = torch.empty(2, 64, dtype=torch.float8_e4m3fn)
-    sa, sb = torch.empty(2, 2), torch.empty(2, 2)
+    a = _empty(2, 64, dtype=torch.float8_e4m3fn)
+    b = _empty(2, 64, dtype=torch.float8_e4m3fn)
+    sa, sb = _empty(2, 2), _empty(2, 2)
     qknorm.fused_qk_rmsnorm(a, sa, inp.q, inp.q_weight, quant_type=3)
     qknorm.fused_qk_rmsnorm(b, sb, inp.q, inp.q_weight, quant_type=QuantType.per_1x32)
     assert bits_equal(a, b) and bits_equal(sa, sb)
@@ -70,8 +74,8 @@ def _group_scales(qt: QuantType, group_size: int | None, mxfp4: bool = False) ->
     """Run the unified entry; return (number of scale columns it accepted, codes, scales)."""
     inp = make_inputs(Case(m=3, n1=256))
     for cols in (8, 4, 2):  # only the implied group size's scale shape validates
-        codes = torch.empty(3, 128 if mxfp4 else 256, dtype=torch.uint8 if mxfp4 else torch.float8_e4m3fn)
-        scales = torch.empty(3, cols, dtype=torch.uint8 if mxfp4 else torch.float32)
+        codes = _empty(3, 128 if mxfp4 else 256, dtype=torch.uint8 if mxfp4 else torch.float8_e4m3fn)
+        scales = _empty(3, cols, dtype=torch.uint8 if mxfp4 else torch.float32)
         try:
             qknorm.fused_qk_rmsnorm(codes, scales, inp.q, inp.q_weight, quant_type=qt, group_size=group_size)
         except ValueError:
@@ -102,9 +106,9 @@ def test_unified_per_token_equals_per_token_entry() -> None:
     inp = make_inputs(Case(m=4, n1=96, n2=32, residual=True))
     outs = []
     for use_unified in (True, False):
-        codes = torch.empty(4, 96, dtype=torch.float8_e4m3fnuz)
-        scale = torch.empty(4, 1)
-        k_out, res_out, unq = torch.empty(4, 32, dtype=torch.float16), torch.empty(4, 96, dtype=torch.float16), torch.empty(4, 96, dtype=torch.float16)
+        codes = _empty(4, 96, dtype=torch.float8_e4m3fnuz)
+        scale = _empty(4, 1)
+        k_out, res_out, unq = _empty(4, 32, dtype=torch.float16), _empty(4, 96, dtype=torch.float16), _empty(4, 96, dtype=torch.float16)
         kw = dict(q=inp.q, q_weight=inp.q_weight, q_epsilon=1e-5, q_out_unquantized=unq, k_out=k_out, q_res_out=res_out,
                   k=inp.k, k_weight=inp.k_weight, q_residual=inp.q_residual, gemma_norm=True)  # fmt: skip
         if use_unified:
@@ -118,7 +122,7 @@ def test_unified_per_token_equals_per_token_entry() -> None:
 
 def test_unified_per_tensor_equals_functional_per_tensor() -> None:
     inp = make_inputs(Case(m=6, n1=48, dtype="bfloat16"))
-    codes, scale = torch.empty(6, 48, dtype=torch.float8_e4m3fn), torch.empty(1, 1)
+    codes, scale = _empty(6, 48, dtype=torch.float8_e4m3fn), _empty(1, 1)
     qknorm.fused_qk_rmsnorm(codes, scale, inp.q, inp.q_weight, quant_type=QuantType.per_Tensor)
     out = qknorm.qk_rmsnorm(inp.q, inp.q_weight, quant="fp8_tensor")
     assert out.q_scale is not None and out.q_scale.shape == (1,)
@@ -134,9 +138,9 @@ def test_no_mode_writes_normalized_q_in_input_dtype_to_both_outputs() -> None:
 def test_no_mode_honours_residual_gemma_and_unquantized() -> None:
     """SPEC §6: unlike aiter's No mode, q_residual, gemma_norm and q_out_unquantized all take effect."""
     inp = make_inputs(Case(m=3, n1=32, residual=True))
-    plain = torch.empty(3, 32, dtype=torch.float16)
+    plain = _empty(3, 32, dtype=torch.float16)
     qknorm.fused_qk_rmsnorm(plain, None, inp.q, inp.q_weight)
-    out, unq, res_out = (torch.empty(3, 32, dtype=torch.float16) for _ in range(3))
+    out, unq, res_out = (_empty(3, 32, dtype=torch.float16) for _ in range(3))
     qknorm.fused_qk_rmsnorm(out, None, inp.q, inp.q_weight, q_out_unquantized=unq, q_res_out=res_out,
                             q_residual=inp.q_residual, gemma_norm=True)  # fmt: skip
     assert not torch.equal(out, plain)
@@ -147,7 +151,7 @@ def test_no_mode_honours_residual_gemma_and_unquantized() -> None:
 def test_unified_no_mode_q_out_unquantized_alone_is_the_output() -> None:
     run_case(Case(entry="group", mode="none", n2=8))
     inp = make_inputs(Case(m=2, n1=16))
-    out = torch.empty(2, 16, dtype=torch.float16)
+    out = _empty(2, 16, dtype=torch.float16)
     qknorm.fused_qk_rmsnorm(q=inp.q, q_weight=inp.q_weight, q_out_unquantized=out)
     assert_norm_close(out, qknorm.qk_rmsnorm(inp.q, inp.q_weight).q)
 
@@ -190,8 +194,8 @@ def test_mxfp4_torch_fp4_dtypes(case: Case) -> None:
 @pytest.mark.skipif(FP4_X2 is None or E8M0FNU is None, reason="this torch has no float4_e2m1fn_x2 / float8_e8m0fnu")
 def test_mxfp4_fp4_dtypes_write_the_same_bytes_as_uint8() -> None:
     inp = make_inputs(Case(m=3, n1=64))
-    q8, s8 = torch.empty(3, 32, dtype=torch.uint8), torch.empty(3, 2, dtype=torch.uint8)
-    q4, s4 = torch.empty(3, 32, dtype=FP4_X2), torch.empty(3, 2, dtype=E8M0FNU)
+    q8, s8 = _empty(3, 32, dtype=torch.uint8), _empty(3, 2, dtype=torch.uint8)
+    q4, s4 = _empty(3, 32, dtype=FP4_X2), _empty(3, 2, dtype=E8M0FNU)
     qknorm.fused_qk_rmsnorm_group_quant(q8, s8, inp.q, inp.q_weight, group_size=32)
     qknorm.fused_qk_rmsnorm_group_quant(q4, s4, inp.q, inp.q_weight, group_size=32)
     assert q4.dtype == FP4_X2 and s4.dtype == E8M0FNU
@@ -232,17 +236,17 @@ def test_k_epsilon_none_uses_q_epsilon_in_every_entry() -> None:
     k_outs = {}
     for k_eps in (None, 0.3, 1e-6):
         outs = []
-        k_out = torch.empty(3, 32, dtype=torch.float16)
-        qknorm.fused_qk_rmsnorm(torch.empty(3, 64, dtype=torch.float16), None, inp.q, inp.q_weight, 0.3, k_out=k_out,
+        k_out = _empty(3, 32, dtype=torch.float16)
+        qknorm.fused_qk_rmsnorm(_empty(3, 64, dtype=torch.float16), None, inp.q, inp.q_weight, 0.3, k_out=k_out,
                                 k=inp.k, k_weight=inp.k_weight, k_epsilon=k_eps)  # fmt: skip
         outs.append(k_out)
-        k2 = torch.empty(3, 32, dtype=torch.float16)
-        qknorm.fused_qk_rmsnorm_group_quant(torch.empty(3, 64, dtype=torch.float8_e4m3fn), torch.empty(3, 2), inp.q,
+        k2 = _empty(3, 32, dtype=torch.float16)
+        qknorm.fused_qk_rmsnorm_group_quant(_empty(3, 64, dtype=torch.float8_e4m3fn), _empty(3, 2), inp.q,
                                             inp.q_weight, 0.3, k_out=k2, k=inp.k, k_weight=inp.k_weight,
                                             k_epsilon=k_eps, group_size=32)  # fmt: skip
         outs.append(k2)
-        k3 = torch.empty(3, 32, dtype=torch.float16)
-        qknorm.fused_qk_rmsnorm_per_token_quant(torch.empty(3, 64, dtype=torch.float8_e4m3fn), torch.empty(3, 1), inp.q,
+        k3 = _empty(3, 32, dtype=torch.float16)
+        qknorm.fused_qk_rmsnorm_per_token_quant(_empty(3, 64, dtype=torch.float8_e4m3fn), _empty(3, 1), inp.q,
                                                 inp.q_weight, 0.3, k_out=k3, k=inp.k, k_weight=inp.k_weight,
                                                 k_epsilon=k_eps)  # fmt: skip
         outs.append(k3)
@@ -317,20 +321,20 @@ def test_m_zero_writes_nothing(case: Case) -> None:
 
 
 def test_m_zero_per_tensor_scale_is_left_alone() -> None:
-    q = torch.empty(0, 32, dtype=torch.float16)
+    q = _empty(0, 32, dtype=torch.float16)
     scale = buffer((1,), torch.float32, seed=3)
     before = scale.clone()
-    qknorm.fused_qk_rmsnorm(torch.empty(0, 32, dtype=torch.float8_e4m3fn), scale, q, torch.ones(32, dtype=torch.float16),
+    qknorm.fused_qk_rmsnorm(_empty(0, 32, dtype=torch.float8_e4m3fn), scale, q, _ones(32, dtype=torch.float16),
                             quant_type=QuantType.per_Tensor)  # fmt: skip
     assert bits_equal(scale, before)
 
 
 def test_m_zero_legacy_and_functional_return_empty_outputs() -> None:
-    q, k = torch.empty(0, 64, dtype=torch.bfloat16), torch.empty(0, 16, dtype=torch.bfloat16)
-    wq, wk = torch.ones(64, dtype=torch.bfloat16), torch.ones(16, dtype=torch.bfloat16)
+    q, k = _empty(0, 64, dtype=torch.bfloat16), _empty(0, 16, dtype=torch.bfloat16)
+    wq, wk = _ones(64, dtype=torch.bfloat16), _ones(16, dtype=torch.bfloat16)
     q_out, k_out = qknorm.fused_qk_rmsnorm_legacy(q, wq, 1e-6, k, wk, 1e-6)
     assert q_out.shape == (0, 64) and k_out is not None and k_out.shape == (0, 16)
-    out = qknorm.qk_rmsnorm(torch.empty(0, 4, 64, dtype=torch.bfloat16), wq, quant="mxfp4")
+    out = qknorm.qk_rmsnorm(_empty(0, 4, 64, dtype=torch.bfloat16), wq, quant="mxfp4")
     assert out.q.shape == (0, 4, 32) and out.q_scale is not None and out.q_scale.shape == (0, 4, 2)
 
 

@@ -270,7 +270,7 @@ COMMON_RULES: list[Rule] = [
 # The mode requirements, each on the kinds it concerns.
 MODE_RULES: dict[str, list[Rule]] = {
     "unified_no": [
-        Rule("no-scale-given", _set(q_out_scale=torch.zeros(M, 2)), ValueError, ("q_out_scale", "None", "QuantType.No")),
+        Rule("no-scale-given", _set(q_out_scale=torch.zeros(M, 2, device=DEVICE)), ValueError, ("q_out_scale", "None", "QuantType.No")),
         Rule("no-output", _set(q_out_quantized=None, q_out_unquantized=None), ValueError, ("q_out_quantized", "must be given")),
         Rule("no-transpose", _set(transpose_scale=True), ValueError, ("transpose_scale", "FP8 group", "no quantization")),
         Rule("no-fp8-output", _with("q_out_quantized", _as(FP8)), TypeError, ("q_out_quantized", "torch.float16", "float8_e4m3fn")),
@@ -306,9 +306,9 @@ MODE_RULES: dict[str, list[Rule]] = {
         Rule("group-size-bool", _set(group_size=True), TypeError, ("group_size", "int", "bool")),
         Rule("group-size-float", _set(group_size=32.0), TypeError, ("group_size", "int", "float")),
         Rule("group-size-str", _set(group_size="32"), TypeError, ("group_size", "int", "str")),
-        Rule("transposed-shape", _set(q_out_scale=torch.zeros(2, M), transpose_scale=True), ValueError, ("q_out_scale", f"[{M}, 2]", f"[2, {M}]")),
+        Rule("transposed-shape", _set(q_out_scale=torch.zeros(2, M, device=DEVICE), transpose_scale=True), ValueError, ("q_out_scale", f"[{M}, 2]", f"[2, {M}]")),
         Rule("transposed-strides", _set(q_out_scale=buffer((M, 2), torch.float32, pad=1), transpose_scale=True), ValueError, ("q_out_scale", "transpose_scale=True", "(3, 1)")),
-        Rule("transposed-view-short-stride", _set(q_out_scale=torch.zeros(2 * M)[: 2 * M - 1].as_strided((M, 2), (1, M - 1)), transpose_scale=True), ValueError, ("q_out_scale", f">= {M}", f"(1, {M - 1})")),
+        Rule("transposed-view-short-stride", _set(q_out_scale=torch.zeros(2 * M, device=DEVICE)[: 2 * M - 1].as_strided((M, 2), (1, M - 1)), transpose_scale=True), ValueError, ("q_out_scale", f">= {M}", f"(1, {M - 1})")),
         Rule("overlap-quant-and-scale", lambda kw: kw | _quant_and_scale_sharing_bytes(), ValueError, ("q_out_quantized", "q_out_scale", "overlap")),
     ],
     "unified_fp8_token": [
@@ -447,15 +447,15 @@ def test_mxfp4_odd_width_rejected_before_group_size() -> None:
     """n1 = 33: two values per byte is impossible, whatever the group size says."""
     q = torch.randn(2, 33).to(F16).to(DEVICE)
     quant, scale = _out((2, 16), torch.uint8, 1), _out((2, 1), torch.uint8, 2)
-    kw = {"q_out_quantized": quant, "q_out_scale": scale, "q": q, "q_weight": torch.ones(33, dtype=F16), "group_size": 32}
+    kw = {"q_out_quantized": quant, "q_out_scale": scale, "q": q, "q_weight": torch.ones(33, dtype=F16, device=DEVICE), "group_size": 32}
     assert_rejected("group", kw, ValueError, "MXFP4", "even n1", "n1=33")
 
 
 def test_k_width_above_limit_rejected() -> None:
-    q = torch.randn(1, 8).to(F16)
-    k = torch.zeros(1, 65537, dtype=F16)
-    kw = {"q_out_quantized": _out((1, 8), F16, 1), "q": q, "q_weight": torch.ones(8, dtype=F16),
-          "k": k, "k_weight": torch.ones(65537, dtype=F16), "k_out": _out((1, 65537), F16, 2)}  # fmt: skip
+    q = torch.randn(1, 8).to(F16).to(DEVICE)
+    k = torch.zeros(1, 65537, dtype=F16, device=DEVICE)
+    kw = {"q_out_quantized": _out((1, 8), F16, 1), "q": q, "q_weight": torch.ones(8, dtype=F16, device=DEVICE),
+          "k": k, "k_weight": torch.ones(65537, dtype=F16, device=DEVICE), "k_out": _out((1, 65537), F16, 2)}  # fmt: skip
     assert_rejected("unified", kw, ValueError, "k", "[1, 65536]", "65537")
 
 
