@@ -222,10 +222,10 @@ class MLAQKNorm(nn.Module):
                 k, k_rope = kv, None
             else:
                 raise ValueError(f"kv must be [..., {kl + rope}] or [..., {kl}], got shape {list(kv.shape)}")
+        q_norm, kv_norm = self.q_a_layernorm, self.kv_a_layernorm
         out = qk_rmsnorm(
-            q, self.q_a_layernorm.weight, k, self.kv_a_layernorm.weight,
-            q_epsilon=self.q_a_layernorm.eps, k_epsilon=self.kv_a_layernorm.eps, gemma_norm=self.gemma_norm,
-            quant=self.quant, group_size=self.group_size, fp8_dtype=self.fp8_dtype,
+            q, q_norm.weight, k, kv_norm.weight, q_epsilon=q_norm.eps, k_epsilon=kv_norm.eps,
+            gemma_norm=self.gemma_norm, quant=self.quant, group_size=self.group_size, fp8_dtype=self.fp8_dtype,
         )  # fmt: skip
         return MLAQKNormOutput(q=out.q, q_scale=out.q_scale, k_nope=out.k, k_rope=k_rope)  # type: ignore[arg-type]
 
