@@ -19,6 +19,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -161,18 +162,18 @@ def buffer(
     and start ``offset`` elements into the storage; ``pad + 3`` spare elements follow the last
     row. The whole storage holds pseudo-random bytes from ``seed`` (or the byte ``fill``).
     """
+    size: tuple[int, ...] = shape
+    strides: tuple[int, ...]
     if len(shape) == 1:
-        size, strides = shape, (1,)
+        strides = (1,)
         span = shape[0]
     elif column_major:
         rows, cols = shape
         strides = (1, rows + pad)
-        size = shape
         span = cols * (rows + pad)
     else:
         rows, cols = shape
         strides = (cols + pad, 1)
-        size = shape
         span = rows * (cols + pad)
     total = offset + span + pad + 3
     es = torch.empty(0, dtype=dtype).element_size()
@@ -489,6 +490,7 @@ def make_inputs(case: Case) -> Inputs:
         rv[(qv == 0).all(dim=1)] = 0.0  # zero rows of q stay zero after the residual sum
     wq = (torch.rand(n1, generator=gen) * 2.0 - 0.5).to(dt).to(DEVICE)
     wk = (torch.rand(n2, generator=gen) * 2.0 - 0.5).to(dt).to(DEVICE) if n2 else None
+    k: torch.Tensor | None
     if case.latent and kv is not None:
         # DeepSeek's fused_qkv_a_proj output: q and k_nope are column slices of one buffer.
         lat = torch.cat((qv, kv, torch.randn(m, 64, generator=gen)), dim=1)
@@ -509,7 +511,8 @@ def reference_outputs(case: Case, inp: Inputs) -> dict[str, torch.Tensor]:
     """
     m, n1, dt = case.m, case.n1, case.torch_dtype
     c = lambda t: None if t is None else t.contiguous().clone()
-    q, k, res = c(inp.q), c(inp.k), c(inp.q_residual)
+    q: torch.Tensor = inp.q.contiguous().clone()
+    k, res = c(inp.k), c(inp.q_residual)
     out: dict[str, torch.Tensor] = {"q_out": torch.empty(m, n1, dtype=dt, device=DEVICE)}
     if k is not None:
         out["k_out"] = torch.empty_like(k)
@@ -558,7 +561,7 @@ def call_case(case: Case, inp: Inputs) -> Outputs:
         q_out, k_out = qknorm.fused_qk_rmsnorm_legacy(
             inp.q, inp.q_weight, case.q_eps, inp.k, inp.k_weight, case.q_eps if k_eps is None else k_eps
         )
-        vals = {"q_out": q_out}
+        vals: dict[str, torch.Tensor] = {"q_out": q_out}
         if k_out is not None:
             vals["k_out"] = k_out
         return Outputs(vals, [])
@@ -612,7 +615,7 @@ def call_case(case: Case, inp: Inputs) -> Outputs:
     no_out = _out(case, (m, n1), dt, 6) if (case.entry == "unified" and mode == "none") else None
 
     snap = Snapshot(k_out, q_res_out, q_unq, quant, scale, no_out)
-    common = dict(
+    common: dict[str, Any] = dict(
         q=inp.q, q_weight=inp.q_weight, q_epsilon=case.q_eps, k_out=k_out, q_res_out=q_res_out, k=inp.k,
         k_weight=inp.k_weight, k_epsilon=k_eps, q_residual=inp.q_residual, gemma_norm=case.gemma,
     )  # fmt: skip
@@ -625,16 +628,16 @@ def call_case(case: Case, inp: Inputs) -> Outputs:
             quant_type=qt, group_size=case.group_size, transpose_scale=bool(case.transpose), **common,
         )  # fmt: skip
     elif case.entry == "group":
-        extra = {} if case.group_size is None else {"group_size": case.group_size}
+        extra: dict[str, Any] = {} if case.group_size is None else {"group_size": case.group_size}
         qknorm.fused_qk_rmsnorm_group_quant(
             quant, scale, q_out_unquantized=q_unq, transpose_scale=bool(case.transpose), **extra, **common
         )
     elif case.entry == "token":
-        qknorm.fused_qk_rmsnorm_per_token_quant(quant, scale, q_out_unquantized=q_unq, **common)
+        qknorm.fused_qk_rmsnorm_per_token_quant(quant, scale, q_out_unquantized=q_unq, **common)  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown entry {case.entry!r}")
 
-    vals: dict[str, torch.Tensor] = {}
+    vals = {}
     if no_out is not None:
         vals["q_out"] = no_out
         if q_unq is not None:
@@ -647,7 +650,7 @@ def call_case(case: Case, inp: Inputs) -> Outputs:
         vals["q_res_out"] = q_res_out
     if quant is not None:
         vals["q_quant"] = quant.view(torch.uint8) if mode == "mxfp4" else quant
-        vals["q_scale"] = scale_view.view(torch.uint8) if mode == "mxfp4" else scale_view  # type: ignore[union-attr]
+        vals["q_scale"] = scale_view.view(torch.uint8) if mode == "mxfp4" else scale_view  # type: ignore[union-attr,assignment]
     snap.assert_only_windows_written()
     provided = [t for t in (k_out, q_res_out, q_unq, quant, scale, no_out) if t is not None]
     return Outputs(vals, provided)

@@ -222,7 +222,7 @@ _ENTRY_MODES = [
 
 
 @_cases(*[
-    Case(**({"entry": e, "mode": mo, "quant_type": qt, "m": 4, "n1": 256, "n2": 32, "seed": i} | opt))  # type: ignore[arg-type]
+    Case(**({"entry": e, "mode": mo, "quant_type": qt, "m": 4, "n1": 256, "n2": 32, "seed": i} | opt))  # type: ignore[arg-type,operator]
     for i, (e, mo, qt) in enumerate(_ENTRY_MODES) for opt in _OPTIONS
 ] + [Case(entry="legacy", m=4, n1=256, n2=n2, dtype=d, q_eps=0.1, k_eps=ke, seed=n2)  # type: ignore[arg-type]
      for n2 in (0, 32) for d in ("float16", "bfloat16") for ke in (None, 1e-4)])  # fmt: skip
@@ -250,7 +250,9 @@ def test_k_epsilon_none_uses_q_epsilon_in_every_entry() -> None:
                                                 inp.q_weight, 0.3, k_out=k3, k=inp.k, k_weight=inp.k_weight,
                                                 k_epsilon=k_eps)  # fmt: skip
         outs.append(k3)
-        outs.append(qknorm.qk_rmsnorm(inp.q, inp.q_weight, inp.k, inp.k_weight, q_epsilon=0.3, k_epsilon=k_eps).k)
+        k4 = qknorm.qk_rmsnorm(inp.q, inp.q_weight, inp.k, inp.k_weight, q_epsilon=0.3, k_epsilon=k_eps).k
+        assert k4 is not None
+        outs.append(k4)
         for o in outs[1:]:
             assert bits_equal(o, outs[0])
         k_outs[k_eps] = outs[0]

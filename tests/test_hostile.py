@@ -185,7 +185,7 @@ def test_weights_swapped() -> None:
 def test_bad_epsilons(name: str, value: object, exc: type[Exception]) -> None:
     if name == "k_epsilon" and value is None:
         pytest.skip("k_epsilon=None means q_epsilon")
-    rejected(_call(**{name: value}), exc, name)
+    rejected(_call() | {name: value}, exc, name)
 
 
 def test_numpy_scalar_epsilon_is_accepted() -> None:
@@ -364,7 +364,7 @@ def _run(form: str, mode: str, dtype: torch.dtype, inplace: bool) -> dict[str, t
     new = lambda like: torch.empty(like.shape, dtype=like.dtype, device=DEVICE)
     k_out = t["k"] if "k_out=k" in aliases else new(t["k"])
     res_out = t["q"] if "q_res_out=q" in aliases else t["q_residual"] if "q_res_out=q_residual" in aliases else new(t["q"])
-    unq = t["q"] if "q_out_unquantized=q" in aliases else new(t["q"])
+    unq: torch.Tensor | None = t["q"] if "q_out_unquantized=q" in aliases else new(t["q"])
     if mode == "none":
         quant, scale, qt = (t["q"] if "q_out_quantized=q" in aliases else new(t["q"])), None, QuantType.No
         if "q_out_quantized=q" in aliases:

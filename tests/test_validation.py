@@ -483,7 +483,7 @@ def test_functional_width_zero_is_a_value_error() -> None:
 def test_m_zero_is_a_valid_no_op(kind: str) -> None:
     """m = 0 passes validation (shapes [0, n]) and writes nothing."""
     entry, kw = base(kind)
-    zero = {}
+    zero: dict[str, torch.Tensor] = {}
     for key, val in kw.items():
         if isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[0] == M:
             zero[key] = buffer((0, val.shape[1]), val.dtype, seed=len(zero)) if key not in ("q", "k", "q_residual") else val[:0]
