@@ -211,13 +211,13 @@ class MLAQKNorm(nn.Module):
                     f"x must be the latent [..., {ql + kl + rope}] (q_lora_rank {ql} + kv_lora_rank {kl} + "
                     f"qk_rope_head_dim {rope}) when kv is None, got shape {list(x.shape)}"
                 )
-            q, k, k_rope = x.split((ql, kl, rope), dim=-1)
+            q, k, k_rope = x.split_with_sizes((ql, kl, rope), dim=-1)
         else:
             if x.shape[-1] != ql:
                 raise ValueError(f"x must be q [..., {ql}] when kv is given, got shape {list(x.shape)}")
             q = x
             if kv.shape[-1] == kl + rope:
-                k, k_rope = kv.split((kl, rope), dim=-1)
+                k, k_rope = kv.split_with_sizes((kl, rope), dim=-1)
             elif kv.shape[-1] == kl:
                 k, k_rope = kv, None
             else:
