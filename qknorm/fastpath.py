@@ -15,8 +15,17 @@ exact verdict. A plan is only recorded after checking that rebuilding the reques
 call's own arguments reproduces ``build_request``'s request field for field, so the two paths
 cannot drift apart.
 
-Measured on the CPU, bf16 DeepSeek shapes (q ``[1, 1536]``, k ``[1, 512]``), a no-op backend:
-see the ``bench`` notes in :mod:`qknorm.ops`.
+Per-call wall time of ``qknorm.fused_qk_rmsnorm`` with preallocated outputs, DeepSeek shapes
+at M=1 (q ``[1, 1536]`` and k ``[1, 512]`` slices of a ``[1, 2112]`` latent, bf16), with a
+backend whose ``run`` does nothing, so only qknorm's Python is timed (best of 7 x 2000 calls):
+
+- host of the NVIDIA H100 80GB HBM3 machine (Python 3.12, torch 2.11): 13.5 us; on the same
+  host two eager ``F.rms_norm`` calls take 31.3 us and the Triton backend's ``run`` alone 16.0 us
+  (public call with the Triton backend: 29.5 us).
+- a 2-core CPU container (Python 3.11, torch 2.13): 8.3 us (timeit), against 87 us when every
+  call ran ``build_request``. Of the 8.3 us, reading the six tensors' metadata for the signature
+  is about 2.9 (each of ``dtype``, ``device``, ``shape``, ``stride()`` costs 70-130 ns), the
+  lookup 0.6, the aliasing re-check 1.0, assembling the request 1.0, ``run_request`` 0.9.
 """
 
 from __future__ import annotations

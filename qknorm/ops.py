@@ -28,6 +28,9 @@ The in-place forms qknorm supports (``k_out`` is ``k``, ``q_out`` is ``q``, ...)
 eager mode. Under torch.compile, functionalization hands the op a fresh buffer for a
 mutated argument that is also read, and copies it back: same values, one copy more.
 
+Registration uses ``torch.library`` define/impl (see the note at ``_lib`` for why not
+``custom_op``); the real kernel is registered for ``CompositeExplicitAutograd`` (every device).
+
 Kernels: the real kernel validates (through :mod:`qknorm.fastpath`) and selects a backend
 (:func:`qknorm.backends.registry.run_request`); the fake kernel only validates, on fake
 tensors (the overlap check needs real memory and is skipped there), so a bad call fails at
