@@ -588,3 +588,69 @@ def test_m_zero_is_a_no_op_on_both_paths() -> None:
         a = make_args("fp8_group", m=0)
         fastpath.execute(*positional(a))
         assert a["q_out_quantized"].shape == (0, N1)
+
+
+# ----------------------------------------------------------------------------- warmup
+
+
+class _SizedBackend:
+    """A backend with launch buckets: records the row count of every request it runs."""
+
+    name = "sized"
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int]] = []
+
+    def available(self) -> tuple[bool, str]:
+        return True, "test backend"
+
+    def supports(self, req: object) -> str | None:
+        return None
+
+    def warmup_sizes(self, max_m: int) -> list[int]:
+        """Bucket upper bounds 1, 16, 256 up to the first one >= max_m, and one size past max_m."""
+        bounds = [b for b in (1, 16, 256) if b < max_m]
+        return [*bounds, min(b for b in (1, 16, 256, 4096) if b >= max_m), max_m * 2]
+
+    def run(self, req) -> None:  # type: ignore[no-untyped-def]
+        self.rows.append((req.mode.value, req.m))
+        qk_rmsnorm_reference(req)
+
+
+def test_warmup_runs_each_mode_once_per_bucket_of_the_selected_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _SizedBackend()
+    previous = registry.register_backend("sized", lambda: backend)
+    try:
+        monkeypatch.setenv(registry.ENV_VAR, "sized")
+        registry.reset()
+        records = qknorm.warmup(N1, N2, device="cpu", modes=(None, "mxfp4"), max_tokens=100, row_stride=N1 + N2 + 8)
+    finally:
+        registry.register_backend("sized", previous)
+    # Buckets 1, 16, 256 clipped to max_tokens=100 and 200 clipped to 100; one selecting call at m=1 first.
+    assert records == [
+        qknorm.WarmupRecord(None, "sized", (1, 16, 100)),
+        qknorm.WarmupRecord("mxfp4", "sized", (1, 16, 100)),
+    ]
+    assert backend.rows == [("none", 1), ("none", 1), ("none", 16), ("none", 100),
+                            ("mxfp4", 1), ("mxfp4", 1), ("mxfp4", 16), ("mxfp4", 100)]  # fmt: skip
+
+
+def test_warmup_without_buckets_runs_one_and_max_tokens() -> None:
+    records = qknorm.warmup(N1, None, device="cpu", modes=("fp8_group", "fp8_tensor"), max_tokens=33, residual=True)
+    assert records == [
+        qknorm.WarmupRecord("fp8_group", "torch", (1, 33)),
+        qknorm.WarmupRecord("fp8_tensor", "torch", (1, 33)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"modes": ("fp8",)}, "modes must hold values of"),
+        ({"max_tokens": 0}, "max_tokens must be a positive int"),
+        ({"row_stride": N1}, f"row_stride must be >= q_width \\+ k_width = {N1 + N2}"),
+    ],
+)
+def test_warmup_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        qknorm.warmup(N1, N2, device="cpu", **kwargs)
