@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qknorm
 from qknorm.backends import registry
 from qknorm.backends import triton_backend as tb
+from qknorm.bench import graph_time_us
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode
 
@@ -42,28 +43,7 @@ L2_COLD_BYTES = 200 << 20  # rotate buffer sets until this many bytes are touche
 
 def graph_us(fns: Sequence[Callable[[], object]], calls: int, reps: int = 7) -> float:
     """Median µs per call of ``calls`` calls (cycling over ``fns``) replayed from one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(reps):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
+    return graph_time_us(fns, calls, reps)
 
 
 def wall_us(fn: Callable[[], object], calls: int = 3000, batches: int = 5) -> float:
