@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .checks import check_eps
 from .ops import submit
 from .quant import FP8_DTYPES, QuantType, is_fp4_dtype
 
@@ -231,6 +232,13 @@ def fused_qk_rmsnorm_legacy(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q is None:
         raise TypeError("q must be a torch.Tensor, got NoneType")
+    # Checked here under the legacy names (the shared validation would speak of k_out and q_epsilon).
+    if (k is None) != (k_weight is None):
+        given, absent = ("k", "k_weight") if k is not None else ("k_weight", "k")
+        raise ValueError(f"k and k_weight come together: got {given} without {absent}")
+    check_eps("q_eps", q_eps)
+    if k is not None:
+        check_eps("k_eps", k_eps)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     submit(

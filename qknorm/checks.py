@@ -29,7 +29,7 @@ from .quant import (
 )
 from .request import QKNormRequest
 
-__all__ = ["build_request", "MAX_WIDTH", "INPUT_DTYPES"]
+__all__ = ["build_request", "check_eps", "MAX_WIDTH", "INPUT_DTYPES"]
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16)
 # Widest row qknorm accepts (q or k). aiter stops at 8192; the reference has no limit, the
@@ -48,7 +48,7 @@ def _tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_eps(name: str, eps: object) -> float:
+def check_eps(name: str, eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{name} must be a positive finite float, got {type(eps).__name__}")
     value = float(eps)
@@ -253,8 +253,8 @@ def build_request(
     _check_rows("q", q, m, n1, q.dtype)
     dtype, device = q.dtype, q.device
     q_weight = _check_weight("q_weight", q_weight, n1, dtype, device)
-    q_eps = _check_eps("q_epsilon", q_epsilon)
-    k_eps = q_eps if k_epsilon is None else _check_eps("k_epsilon", k_epsilon)
+    q_eps = check_eps("q_epsilon", q_epsilon)
+    k_eps = q_eps if k_epsilon is None else check_eps("k_epsilon", k_epsilon)
     if not isinstance(gemma_norm, bool):
         raise TypeError(f"gemma_norm must be a bool, got {type(gemma_norm).__name__}")
     if not isinstance(transpose_scale, bool):
@@ -339,8 +339,10 @@ def build_request(
             raise ValueError(f"transpose_scale=True is only supported with FP8 group quantization, got {mode.value}")
         if mode.is_fp8:
             if quant.dtype not in FP8_DTYPES:
+                # Block quantization picks MXFP4 from a packed-nibble output, so name that choice too.
+                fp4 = " (or torch.float4_e2m1fn_x2/torch.uint8 for MXFP4)" if mode is QuantMode.FP8_GROUP else ""
                 raise TypeError(
-                    f"q_out_quantized must have dtype torch.float8_e4m3fn or torch.float8_e4m3fnuz "
+                    f"q_out_quantized must have dtype torch.float8_e4m3fn or torch.float8_e4m3fnuz{fp4} "
                     f"for {mode.value} quantization, got {quant.dtype}"
                 )
             _check_rows("q_out_quantized", quant, m, n1, quant.dtype)
