@@ -550,6 +550,34 @@ def test_in_place_forms_stay_fast_and_correct(monkeypatch: pytest.MonkeyPatch) -
     assert_bitwise(second["k"], want["k_out"], "k (in place)")
 
 
+def test_interleaved_views_of_one_buffer_stay_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: k_out is k (in place in the latent, beside q) and q_out/k_out as column slices of
+    one output buffer have intersecting byte spans, so every call used to be re-validated in full."""
+
+    def interleaved(seed: int) -> dict[str, Any]:
+        a = make_args("none", seed=seed)
+        out = torch.full((M, N1 + N2 + 16), float("nan"), dtype=BF16)
+        return dict(a, k_out=a["k"], q_out=out[:, :N1])
+
+    first = interleaved(1)
+    fastpath.execute(*positional(first))
+    calls: list[object] = []
+    monkeypatch.setattr(fastpath, "build_request", lambda **kw: calls.append(kw) or build_request(**kw))
+    second = interleaved(2)
+    want = expected_outputs(dict(second, k=second["k"].clone()))
+    fastpath.execute(*positional(second))
+    assert calls == [], "a call laid out like the validated one was validated again"
+    assert_bitwise(second["k"], want["k_out"], "k (in place)")
+    assert_bitwise(second["q_out"], want["q_out"], "q_out")
+    # Same signature, but q_out now slides onto k's columns of the latent: the exact check runs and rejects it.
+    third = interleaved(3)
+    shifted = third["latent"][:, 8 : 8 + N1]
+    assert shifted.stride() == third["q_out"].stride()
+    with pytest.raises(ValueError, match="k_out and q_out_unquantized must not overlap"):
+        fastpath.execute(*positional(dict(third, q_out=shifted)))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     ("name", "valid", "invalid", "error"),
     [
