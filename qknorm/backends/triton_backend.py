@@ -311,10 +311,7 @@ class TritonBackend:
         if plan.two_pass:
             self._launch_two_pass(plan, cfg, tensors, strides, scalars)
             return
-        # Triton specializes integer arguments equal to 1 (compiled in as constants) and those
-        # divisible by 16: a compiled kernel serves only calls whose integers fall in the same
-        # classes. Strides are in the key exactly; the row and program counts by their class.
-        fast_key = (cfg, strides, _int_class(m), _int_class(q_programs), _int_class(k_programs))
+        fast_key = (cfg, strides)
         fast = plan.fast.get(fast_key)
         if fast is not None:
             ptrs = [t.data_ptr() for t in tensors]
@@ -360,11 +357,6 @@ class TritonBackend:
             raise
 
 
-def _int_class(v: int) -> int:
-    """Triton's specialization class of an integer argument: 1 (a constant), 16 (divisible), or 0."""
-    return 1 if v == 1 else 16 if v % 16 == 0 else 0
-
-
 def _args(
     ptrs: Sequence[Any], strides: tuple[int, ...], amax: Any, amax_count: int, scalars: tuple[Any, ...]
 ) -> list[Any]:
@@ -380,8 +372,7 @@ def _bind_fast(ck: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None
     """A direct launcher for one compiled kernel: Triton's C launch entry with integer pointers.
 
     The compiled kernel is only valid for the specialization it was built for, so the caller
-    keys it by the integer arguments (strides exactly, row and program counts by
-    :func:`_int_class`) and uses it only for 16-byte aligned pointers (what
+    keys it by the exact integer arguments and uses it only for 16-byte aligned pointers (what
     the first, regular launch was specialized on), 32-bit row counts and no registered launch
     hooks (profilers). Per-tensor FP8 (two launches) always takes Triton's own path.
     """
