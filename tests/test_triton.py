@@ -497,3 +497,22 @@ def test_gpu_cuda_graph_replay_reads_new_data() -> None:
     qk_rmsnorm_reference(expected)
     assert_norm_close(q_out, expected.q_out, "q_out")  # type: ignore[arg-type]
     assert_norm_close(k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+
+
+def test_row_and_program_counts_are_never_specialized() -> None:
+    """The direct launch path reuses a compiled kernel for every row count of a bucket: that is only
+    valid while Triton compiles none of the per-call integers in (it would make a count of 1 a constant).
+    Checked on the compiled (non-interpreted) kernel object, in a subprocess without TRITON_INTERPRET."""
+    pytest.importorskip("triton")
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from qknorm.backends import triton_kernels as tk; "
+        "print(sorted(p.name for p in tk._qk_rmsnorm_kernel.params if p.do_not_specialize))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert {"M", "q_programs", "k_programs", "amax_count"} <= set(ast.literal_eval(out.stdout))

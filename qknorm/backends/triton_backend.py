@@ -372,7 +372,8 @@ def _bind_fast(ck: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None
     """A direct launcher for one compiled kernel: Triton's C launch entry with integer pointers.
 
     The compiled kernel is only valid for the specialization it was built for, so the caller
-    keys it by the exact integer arguments and uses it only for 16-byte aligned pointers (what
+    keys it by the exact strides (the row and program counts are never specialized: the kernel
+    lists them in ``do_not_specialize``) and uses it only for 16-byte aligned pointers (what
     the first, regular launch was specialized on), 32-bit row counts and no registered launch
     hooks (profilers). Per-tensor FP8 (two launches) always takes Triton's own path.
     """
