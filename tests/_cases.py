@@ -30,7 +30,13 @@ from qknorm.backends import registry
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode, QuantType
 from qknorm.reference import qk_rmsnorm_reference, rms_norm_fp32
-from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
+from qknorm.testing import (
+    assert_fp8_close,
+    assert_mxfp4_close,
+    assert_norm_close,
+    assert_scales_close,
+    backend_override,
+)
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16)
@@ -81,17 +87,8 @@ def using_backend(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    old = os.environ.get(registry.ENV_VAR)
-    os.environ[registry.ENV_VAR] = name
-    registry.reset()
-    try:
+    with backend_override(name):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(registry.ENV_VAR, None)
-        else:
-            os.environ[registry.ENV_VAR] = old
-        registry.reset()
 
 
 def skip_unsupported(fn: Callable[..., None]) -> Callable[..., None]:
@@ -466,7 +463,11 @@ def _values(case: Case, rows: int, cols: int, gen: torch.Generator, salt: int) -
         x[r[pick], col[pick]] = big[pick]
     elif case.data == "near_overflow":
         # fp16: magnitudes in [30000, 65504]; bf16: beyond 2^64 where the fp32 sum of squares overflows.
-        mag = (30000.0 + 35504.0 * torch.rand(rows, cols, generator=gen)) if fp16 else (1e37 * (1 + torch.rand(rows, cols, generator=gen)))
+        mag = (
+            (30000.0 + 35504.0 * torch.rand(rows, cols, generator=gen))
+            if fp16
+            else (1e37 * (1 + torch.rand(rows, cols, generator=gen)))
+        )
         x[pick] = (torch.sign(x) * mag)[pick]
     elif case.data == "tiny":
         x = x * (1e-5 if fp16 else 1e-30)

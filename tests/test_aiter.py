@@ -6,7 +6,6 @@ the fake's call log: which aiter entry ran, or none when the request must not re
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from qknorm.testing import (
     assert_mxfp4_close,
     assert_norm_close,
     assert_scales_close,
+    backend_override,
     fake_aiter,
 )
 
@@ -40,23 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 FN, FNUZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
 
 
-@contextlib.contextmanager
-def using(value: str | None) -> Iterator[None]:
-    """``QKNORM_BACKEND=value`` (None: unset) for the block, with fresh selection."""
-    old = os.environ.get(registry.ENV_VAR)
-    if value is None:
-        os.environ.pop(registry.ENV_VAR, None)
-    else:
-        os.environ[registry.ENV_VAR] = value
-    registry.reset()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(registry.ENV_VAR, None)
-        else:
-            os.environ[registry.ENV_VAR] = old
-        registry.reset()
+using = backend_override  # QKNORM_BACKEND=value (None: unset) for the block, with fresh selection
 
 
 def fallback_warnings(record: list[warnings.WarningMessage]) -> list[str]:

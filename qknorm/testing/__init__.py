@@ -10,10 +10,14 @@ the reference by at most one step, and only in a bounded fraction of elements.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..backends import registry
 from ..quant import fp8_max
 from ..reference import e8m0_to_float
 
@@ -25,6 +29,7 @@ __all__ = [
     "assert_mxfp4_close",
     "assert_scales_close",
     "decode_e2m1",
+    "backend_override",
 ]
 
 
@@ -166,3 +171,26 @@ def assert_mxfp4_close(
     step = torch.where(ve.abs() / unit >= 4, 2.0 * unit, torch.where(ve.abs() / unit >= 2, unit, 0.5 * unit))
     diff = (va - ve).abs() / step
     _check_steps(diff, torch.isnan(va), torch.isnan(ve), TOLERANCES["e2m1_codes"], "q_out_quantized (E2M1)")
+
+
+@contextlib.contextmanager
+def backend_override(value: str | None) -> Iterator[None]:
+    """Set ``QKNORM_BACKEND`` to ``value`` (None: unset) for the block, with backend selection reset.
+
+    For tests: ``with backend_override("aiter,torch"): ...`` routes calls as a user setting the
+    variable would; the previous value and a fresh selection come back afterwards.
+    """
+    old = os.environ.get(registry.ENV_VAR)
+    if value is None:
+        os.environ.pop(registry.ENV_VAR, None)
+    else:
+        os.environ[registry.ENV_VAR] = value
+    registry.reset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(registry.ENV_VAR, None)
+        else:
+            os.environ[registry.ENV_VAR] = old
+        registry.reset()
