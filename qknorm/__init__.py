@@ -29,6 +29,7 @@ from .api import (
 )
 from .nn import MLAQKNorm, MLAQKNormOutput
 from .quant import QuantMode, QuantType
+from .rope import QKNormRopeOutput, qk_norm_rope
 from .warmup import WarmupRecord, warmup
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "MLAQKNorm",
     "MLAQKNormOutput",
     "QKNormOutput",
+    "QKNormRopeOutput",
     "QuantMode",
     "QuantType",
     "fused_qk_rmsnorm",
@@ -44,6 +46,7 @@ __all__ = [
     "fused_qk_rmsnorm_legacy",
     "fused_qk_rmsnorm_per_token_quant",
     "qk_rmsnorm",
+    "qk_norm_rope",
     "warmup",
     "WarmupRecord",
     "__version__",

@@ -1,0 +1,219 @@
+"""Triton kernel of ``qk_norm_rope`` (SPEC_ROPE_CACHE §3): ``@triton.jit`` code only.
+
+One launch does everything: programs ``[0, q_programs)`` own blocks of ``ROWS_Q`` q rows, the
+rest own blocks of ``ROWS_K`` k rows, where a row is one (token, head) pair (row ``r`` is token
+``r // H``, head ``r % H``), so any head count and any token and head strides are served by the
+same code. A k program also copies (or quantizes) the matching v rows and writes k and v into
+the paged cache. The launcher (``triton_launch.py``) chooses every compile-time knob.
+
+A head's D channels are held as three tiles of register columns: the first element of each
+rotation pair (``[HALF_P]``, channel ``i`` for neox, ``2i`` for GPT-J), the second one
+(``i + R/2`` or ``2i + 1``), and the pass-through channels ``[R, D)`` (``[PASS_P]``; all of
+them without a rotation). RoPE then is elementwise between the first two tiles.
+
+Numerics as :mod:`qknorm.rope.reference`: fp32 throughout; ``r = rsqrt(sum(x^2) * fl32(1/D) +
+eps)`` (within ~2 ulp of r, as §3 allows); ``u = f(rnd((x * r) * w))``; ``z = (a*c - b*s,
+b*c + a*s)`` (the compiler may fuse multiply-adds, §3 allows it); outputs ``rnd(z)``. FP8
+values ``fp8_rne(clamp(f(rnd(z)) / scale, +-FMAX))`` with a correctly rounded division; scales
+are loaded from device memory by every program (CUDA-graph safe). The fp32 -> bf16 / FP8
+encoders are the first operator's (exact software paths where the target has no native RNE).
+
+Index safety (§3 rule 6): a position outside ``[0, max_pos)`` loads no table row and rotates
+by zero (cos 1, sin 0); a slot outside ``[0, num_slots)`` writes no cache entry. Every
+address is computed in 64 bits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..backends.triton_kernels import _fp8_code, _quotient, _to_out
+
+
+@triton.jit
+def _rnd(x, PTR, NATIVE: tl.constexpr):
+    """``f(rnd(x))``: round fp32 to PTR's element type (fp16/bf16) with RNE and back to fp32."""
+    return _to_out(x, PTR, NATIVE).to(tl.float32)
+
+
+@triton.jit
+def _fp8(x, scale, FMAX: tl.constexpr, FNUZ: tl.constexpr, NATIVE: tl.constexpr, FMA: tl.constexpr):
+    """FP8 byte of ``clamp(x / scale, -FMAX, FMAX)``, RNE; ``scale`` broadcasts against ``x``."""
+    v = _quotient(x, scale, FMA)
+    v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))
+    return _fp8_code(v, FNUZ, NATIVE and not FNUZ)
+
+
+@triton.jit
+def _load_w(W_PTR, idx, mask, GEMMA: tl.constexpr):
+    """``w = f(weight)``, ``+ 1.0`` in fp32 for gemma; 1 without a weight (``W_PTR`` None)."""
+    if W_PTR is None:
+        return 1.0
+    else:
+        w = tl.load(W_PTR + idx, mask=mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            w = w + 1.0
+        return w
+
+
+@triton.jit
+def _norm_rope_rows(
+    X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
+    COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+    D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
+    IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, NATIVE: tl.constexpr,
+):  # fmt: skip
+    """Rules 1-3 for a block of rows: returns fp32 ``(z1, z2, zp, i1, i2, j, m1, mp)``.
+
+    ``z1``/``z2`` ``[R, HALF_P]`` are the rotated pair elements at channels ``i1``/``i2``, ``zp``
+    ``[R, PASS_P]`` the pass-through channels ``j``; ``m1``/``mp`` their masks. Values are
+    already representable in the input dtype (``f(rnd(z))``).
+    """
+    base = t.to(tl.int64)[:, None] * stride_t + h.to(tl.int64)[:, None] * stride_h
+    half = tl.arange(0, HALF_P)[None, :]
+    if IS_NEOX:
+        i1, i2 = half, half + ROT // 2
+    else:
+        i1, i2 = 2 * half, 2 * half + 1
+    m1 = rmask[:, None] & (half < ROT // 2)
+    j = ROT + tl.arange(0, PASS_P)[None, :]
+    mp = rmask[:, None] & (j < D)
+    xp = tl.load(X_PTR + base + j, mask=mp, other=0.0).to(tl.float32)
+    sumsq = tl.sum(xp * xp, axis=1)
+    if ROT > 0:
+        x1 = tl.load(X_PTR + base + i1, mask=m1, other=0.0).to(tl.float32)
+        x2 = tl.load(X_PTR + base + i2, mask=m1, other=0.0).to(tl.float32)
+        sumsq += tl.sum(x1 * x1 + x2 * x2, axis=1)
+    r = tl.rsqrt(sumsq * (1.0 / D) + eps)[:, None]
+    zp = _rnd((xp * r) * _load_w(W_PTR, j, j < D, GEMMA), X_PTR, NATIVE)
+    if ROT > 0:
+        u1 = _rnd((x1 * r) * _load_w(W_PTR, i1, half < ROT // 2, GEMMA), X_PTR, NATIVE)
+        u2 = _rnd((x2 * r) * _load_w(W_PTR, i2, half < ROT // 2, GEMMA), X_PTR, NATIVE)
+        p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
+        p_ok = (p >= 0) & (p < max_pos)
+        row = tl.where(p_ok, p, 0)[:, None] * cos_sin_stride
+        cmask = m1 & p_ok[:, None]
+        c = tl.load(COS_SIN_PTR + row + half, mask=cmask, other=1.0).to(tl.float32)
+        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half, mask=cmask, other=0.0).to(tl.float32)
+        z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
+        z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
+    else:
+        z1 = tl.zeros((rows.shape[0], HALF_P), tl.float32)
+        z2 = z1
+    return z1, z2, zp, i1, i2, j, m1, mp
+
+
+@triton.jit
+def _store_rows(
+    OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale,
+    ROT: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr, FNUZ: tl.constexpr,
+    NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    """Store one block's rows at ``OUT_PTR + base + channel``: in the input dtype, or as FP8
+    bytes (``OUT_PTR`` a uint8 view) of ``value / scale``."""
+    if FP8:
+        tl.store(OUT_PTR + base + j, _fp8(zp, scale, FMAX, FNUZ, NATIVE_FP8, FMA), mask=mp)
+        if ROT > 0:
+            tl.store(OUT_PTR + base + i1, _fp8(z1, scale, FMAX, FNUZ, NATIVE_FP8, FMA), mask=m1)
+            tl.store(OUT_PTR + base + i2, _fp8(z2, scale, FMAX, FNUZ, NATIVE_FP8, FMA), mask=m1)
+    else:
+        tl.store(OUT_PTR + base + j, _to_out(zp, OUT_PTR, NATIVE), mask=mp)
+        if ROT > 0:
+            tl.store(OUT_PTR + base + i1, _to_out(z1, OUT_PTR, NATIVE), mask=m1)
+            tl.store(OUT_PTR + base + i2, _to_out(z2, OUT_PTR, NATIVE), mask=m1)
+
+
+@triton.jit
+def _scale_rows(SCALE_PTR, h, HEADS: tl.constexpr):
+    """fp32 ``[R, 1]`` scale of each row's head: ``scale[0]`` (per tensor) or ``scale[h]``."""
+    if HEADS == 1:
+        return tl.load(SCALE_PTR + h[:, None] * 0)
+    else:
+        return tl.load(SCALE_PTR + h[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "q_programs", "max_pos", "num_slots"])
+def _qk_norm_rope_kernel(
+    Q_PTR, q_stride_t, q_stride_h,  # q [T, HQ, D] fp16/bf16, unit channel stride
+    K_PTR, k_stride_t, k_stride_h,  # k [T, HK, D]
+    Q_W_PTR, K_W_PTR,  # [D] norm weights, or None (weightless)
+    COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,  # table [max_pos, ROT] fp32/input dtype; positions [T]
+    Q_OUT_PTR, q_out_stride_t, q_out_stride_h,  # [T, HQ, D] input dtype, or FP8 bytes (Q_FP8)
+    K_OUT_PTR, k_out_stride_t, k_out_stride_h,  # [T, HK, D] or None
+    V_PTR, v_stride_t, v_stride_h,  # v [T, HK, DV] (cache write) or None
+    K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h,  # [blocks, BLOCK_SIZE, HK, D] or FP8 bytes
+    V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,  # [blocks, BLOCK_SIZE, HK, DV]
+    SLOT_PTR, num_slots,  # slot_mapping [T]; blocks * BLOCK_SIZE
+    K_SCALE_PTR, V_SCALE_PTR, Q_SCALE_PTR,  # fp32 FP8 scales ([1] or [HK]; q: [1]) or None
+    T, q_eps, k_eps,  # tokens; fp32 epsilons
+    q_programs,  # programs owning q row blocks (the rest own k row blocks)
+    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,  # heads, head size, rotary dim (0: none)
+    HALF_P: tl.constexpr, PASS_P: tl.constexpr,  # next_pow2(ROT / 2) (>= 1), next_pow2(D - ROT) (>= 1)
+    DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,  # v head size, padded; cache block size
+    K_SCALE_HEADS: tl.constexpr, V_SCALE_HEADS: tl.constexpr,  # 1 (per tensor) or HK (per head)
+    ROWS_Q: tl.constexpr, ROWS_K: tl.constexpr,  # rows per program
+    IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
+    Q_FP8: tl.constexpr, Q_FMAX: tl.constexpr, Q_FNUZ: tl.constexpr,  # FP8 q
+    C_FP8: tl.constexpr, C_FMAX: tl.constexpr, C_FNUZ: tl.constexpr,  # FP8 cache
+    NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr,  # hardware RNE conversions usable
+    FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
+):  # fmt: skip
+    """Per-head RMSNorm of q and k, RoPE, optional FP8 q, and the paged cache write of k and v.
+
+    Per row (token t, head h): ``u = f(rnd(x * rsqrt(sum(x^2)/D + eps) * w))``; pairs ``(a, b)``
+    of ``u``'s first ROT channels become ``(a*c - b*s, b*c + a*s)`` with ``c, s`` from row
+    ``positions[t]`` of the table; ``out = rnd(z)``. k rows go to ``k_out`` and, for a slot in
+    ``[0, num_slots)``, to ``k_cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE, h]`` together with
+    v's row (a copy, or FP8 of ``f(x) / scale``).
+    """
+    pid = tl.program_id(0)
+    if pid < q_programs:
+        rows = pid * ROWS_Q + tl.arange(0, ROWS_Q)
+        rmask = rows < T * HQ
+        t, h = rows // HQ, rows % HQ
+        z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+            Q_PTR, Q_W_PTR, rows, t, h, rmask, q_stride_t, q_stride_h, q_eps,
+            COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+        )  # fmt: skip
+        scale = 1.0
+        if Q_FP8:
+            scale = tl.load(Q_SCALE_PTR + tl.zeros((1, 1), tl.int32))
+        base = t.to(tl.int64)[:, None] * q_out_stride_t + h.to(tl.int64)[:, None] * q_out_stride_h
+        _store_rows(Q_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale,
+                    ROT, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
+    else:
+        rows = (pid - q_programs) * ROWS_K + tl.arange(0, ROWS_K)
+        rmask = rows < T * HK
+        t, h = rows // HK, rows % HK
+        z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+            K_PTR, K_W_PTR, rows, t, h, rmask, k_stride_t, k_stride_h, k_eps,
+            COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+        )  # fmt: skip
+        h64 = h.to(tl.int64)[:, None]
+        if K_OUT_PTR is not None:
+            base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
+            _store_rows(K_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, 1.0,
+                        ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
+        if K_CACHE_PTR is not None:
+            slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
+            ok = rmask & (slot >= 0) & (slot < num_slots)
+            slot = tl.where(ok, slot, 0)
+            blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            ks, vs = 1.0, 1.0
+            if C_FP8:
+                ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
+                vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
+            ok2 = ok[:, None]
+            base = (blk * kc_stride_b + off * kc_stride_s)[:, None] + h64 * kc_stride_h
+            _store_rows(K_CACHE_PTR, base, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
+                        ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
+            dv = tl.arange(0, DV_P)[None, :]
+            vmask = ok2 & (dv < DV)
+            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
+            vbase = (blk * vc_stride_b + off * vc_stride_s)[:, None] + h64 * vc_stride_h
+            if C_FP8:
+                tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA),
+                         mask=vmask)  # fmt: skip
+            else:
+                tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)

@@ -1,0 +1,197 @@
+"""Backend ``triton`` of ``qk_norm_rope``: launch heuristics and the launcher of
+:mod:`qknorm.rope.triton_kernels` (one launch per call). Triton is imported on first use.
+
+Heuristics
+----------
+A program owns a block of (token, head) rows of q, or of k (with their v rows and cache
+writes). The block holds about ``_TILE_DECODE`` elements when ``T <= _DECODE_MAX_T`` (more
+programs, each a single memory round trip: the decode regime is latency bound) and about
+``_TILE_PREFILL`` elements above (fewer, fuller programs: bandwidth bound), with warps chosen
+so that each thread holds ``_EPT`` elements of a tile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..backends.base import BackendUnavailable
+from ..quant import fp8_max
+from .checks import RopePlan, RopeRequest
+
+__all__ = ["RopeTritonBackend", "launch_config"]
+
+logger = logging.getLogger(__name__)
+
+_DECODE_MAX_T = 256
+_TILE_DECODE = 1024  # elements per program, T <= _DECODE_MAX_T
+_TILE_PREFILL = 4096  # elements per program above
+_EPT = 16  # elements per thread
+_MAX_WARPS = 8
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    rows_q: int
+    rows_k: int
+    num_warps: int
+
+
+def launch_config(plan: RopePlan, t: int) -> LaunchConfig:
+    """Rows per program and warps for ``t`` tokens (a shape-only rule, no autotuning)."""
+    width = _padded_width(plan)
+    tile = _TILE_DECODE if t <= _DECODE_MAX_T else _TILE_PREFILL
+    rows = 1 << (max(1, tile // width).bit_length() - 1)  # a power of two (tl.arange)
+    rows_q = min(rows, _next_pow2(t * plan.hq))
+    rows_k = min(rows, _next_pow2(t * plan.hk))
+    warps = max(1, min(_MAX_WARPS, rows_q * width // (32 * _EPT)))
+    return LaunchConfig(rows_q, rows_k, _next_pow2(warps))
+
+
+def _padded_width(plan: RopePlan) -> int:
+    half, rest = _half_pass(plan)
+    return (2 * half if plan.rot else 0) + (rest if plan.d > plan.rot else 0)
+
+
+def _half_pass(plan: RopePlan) -> tuple[int, int]:
+    """(HALF_P, PASS_P): padded widths of the pair tiles and of the pass-through tile (each >= 1)."""
+    return _next_pow2(max(1, plan.rot // 2)), _next_pow2(max(1, plan.d - plan.rot))
+
+
+def _stride(t: torch.Tensor | None, dim: int) -> int:
+    return 0 if t is None else t.stride(dim)
+
+
+def _bytes(t: torch.Tensor | None, fp8: bool) -> torch.Tensor | None:
+    """FP8 tensors are written as their bytes (Triton has no e4m3fnuz pointer type off ROCm)."""
+    return t.view(torch.uint8) if t is not None and fp8 else t
+
+
+class RopeTritonBackend:
+    """§3 in one Triton launch: q, k, FP8 q, the cache write of k and v."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._kernel: Any = None
+        self._interpret = False
+        self._constexprs: dict[tuple[object, ...], dict[str, Any]] = {}
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import triton
+
+            if self._kernel is None:
+                self._load()
+        except Exception as exc:  # any import failure means unavailable
+            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+        if self._interpret:
+            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+        if torch.cuda.is_available():
+            return True, f"triton {triton.__version__} on a GPU"
+        return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+
+    def supports(self, plan: RopePlan) -> str | None:
+        dev = plan.device.type
+        if dev == "cuda" or (dev == "cpu" and self._interpret):
+            return None
+        if dev == "cpu":
+            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+        return f"device type {dev} is not supported by the Triton backend"
+
+    def warmup_sizes(self, max_t: int) -> list[int]:
+        """One token count per launch-configuration bucket up to ``max_t``."""
+        return sorted({1, min(_DECODE_MAX_T, max_t), max_t})
+
+    def _load(self) -> None:
+        import triton
+
+        from . import triton_kernels
+
+        self._kernel = triton_kernels._qk_norm_rope_kernel
+        # TRITON_INTERPRET is read by Triton when the kernels are decorated: the kernel's type says.
+        self._interpret = not isinstance(self._kernel, triton.runtime.JITFunction)
+
+    def _compile_args(self, plan: RopePlan) -> dict[str, Any]:
+        """The compile-time arguments that depend on the plan's key alone."""
+        half, rest = _half_pass(plan)
+        native = plan.device.type == "cuda" and torch.version.hip is None and not self._interpret
+        native_fp8 = native and torch.cuda.get_device_capability(plan.device) >= (8, 9)
+        c_fp8, q_fp8 = plan.cache_fp8, plan.q_fp8
+        return dict(
+            HQ=plan.hq, HK=plan.hk, D=plan.d, ROT=plan.rot, HALF_P=half, PASS_P=rest,
+            DV=max(plan.dv, 1), DV_P=_next_pow2(max(plan.dv, 1)), BLOCK_SIZE=max(plan.block_size, 1),
+            K_SCALE_HEADS=max(plan.k_scale_heads, 1), V_SCALE_HEADS=max(plan.v_scale_heads, 1),
+            IS_NEOX=plan.is_neox, GEMMA=plan.gemma,
+            Q_FP8=q_fp8, Q_FMAX=fp8_max(plan.q_out_dtype) if q_fp8 else 448.0,
+            Q_FNUZ=plan.q_out_dtype == torch.float8_e4m3fnuz,
+            C_FP8=c_fp8, C_FMAX=fp8_max(plan.cache_dtype) if c_fp8 else 448.0,  # type: ignore[arg-type]
+            C_FNUZ=plan.cache_dtype == torch.float8_e4m3fnuz,
+            NATIVE=native, NATIVE_FP8=native_fp8, FMA=not self._interpret,
+        )  # fmt: skip
+
+    def run(self, req: RopeRequest) -> None:
+        plan = req.plan
+        if plan.t == 0:
+            return
+        if self._kernel is None:
+            self._load()
+        key = plan.key()
+        constexprs = self._constexprs.get(key)
+        if constexprs is None:
+            constexprs = self._constexprs[key] = self._compile_args(plan)
+        cfg = launch_config(plan, plan.t)
+        dev = plan.device.index if plan.device.type == "cuda" else None
+        if dev is not None and dev != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                self._launch(req, cfg, constexprs)
+        else:
+            self._launch(req, cfg, constexprs)
+
+    def _launch(self, req: RopeRequest, cfg: LaunchConfig, constexprs: dict[str, Any]) -> None:
+        plan = req.plan
+        q_programs = -(-plan.t * plan.hq // cfg.rows_q)
+        k_programs = -(-plan.t * plan.hk // cfg.rows_k)
+        q, k, v, kc, vc, ko, table = req.q, req.k, req.v, req.k_cache, req.v_cache, req.k_out, req.cos_sin_cache
+        qo = req.q_out.view(torch.uint8) if plan.q_fp8 else req.q_out
+        kc, vc = _bytes(kc, plan.cache_fp8), _bytes(vc, plan.cache_fp8)
+        args = dict(
+            Q_PTR=q, q_stride_t=q.stride(0), q_stride_h=q.stride(1),
+            K_PTR=k, k_stride_t=k.stride(0), k_stride_h=k.stride(1),
+            Q_W_PTR=req.q_weight, K_W_PTR=req.k_weight,
+            COS_SIN_PTR=table, cos_sin_stride=_stride(table, 0), POS_PTR=req.positions, max_pos=plan.max_pos,
+            Q_OUT_PTR=qo, q_out_stride_t=qo.stride(0), q_out_stride_h=qo.stride(1),
+            K_OUT_PTR=ko, k_out_stride_t=_stride(ko, 0), k_out_stride_h=_stride(ko, 1),
+            V_PTR=v, v_stride_t=_stride(v, 0), v_stride_h=_stride(v, 1),
+            K_CACHE_PTR=kc, kc_stride_b=_stride(kc, 0), kc_stride_s=_stride(kc, 1), kc_stride_h=_stride(kc, 2),
+            V_CACHE_PTR=vc, vc_stride_b=_stride(vc, 0), vc_stride_s=_stride(vc, 1), vc_stride_h=_stride(vc, 2),
+            SLOT_PTR=req.slot_mapping, num_slots=plan.num_slots,
+            K_SCALE_PTR=req.k_scale, V_SCALE_PTR=req.v_scale, Q_SCALE_PTR=req.q_scale,
+            T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, q_programs=q_programs,
+            ROWS_Q=cfg.rows_q, ROWS_K=cfg.rows_k,
+        )  # fmt: skip
+        try:
+            self._kernel[(q_programs + k_programs,)](**args, **constexprs, num_warps=cfg.num_warps)
+        except Exception as exc:
+            if _is_build_failure(exc):
+                raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
+            raise
+
+
+def _is_build_failure(exc: BaseException) -> bool:
+    """Compilation / resource failures (not runtime errors): the backend cannot serve."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+    except ImportError:
+        return False
+    return isinstance(exc, (CompilationError, OutOfResources, PTXASError))
+
+
