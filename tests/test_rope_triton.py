@@ -1,0 +1,71 @@
+"""The Triton backend of qk_norm_rope against the reference (CPU: TRITON_INTERPRET=1, small shapes).
+
+Each case is one public call with ``QKNORM_BACKEND=triton`` whose every written tensor is
+compared with :mod:`qknorm.rope.reference` (``_rope_cases.run_case``): q and k within §3's
+ulps, FP8 codes within one step, v in the cache and every untouched cache entry bit for bit.
+The variants cover head counts (MHA, GQA, MQA), strides (packed qkv views, padded buffers),
+caches (NHD, HND, unbind views; bf16, fp16, both FP8 flavours; per-tensor and per-head
+scales), RoPE (full, partial, none; neox and GPT-J; fp32 and input-dtype tables), norms
+(weighted, gemma, weightless), FP8 q, in-place calls and odd sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _rope_cases import DEVICE, RopeCase, run_case, variants
+
+from qknorm.rope import triton_launch
+from qknorm.rope.checks import plan_call
+
+pytest.importorskip("triton")
+if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+BF16, F16 = torch.bfloat16, torch.float16
+E4M3, E4M3UZ = torch.float8_e4m3fn, torch.float8_e4m3fnuz
+
+BASE = RopeCase(cache=BF16)
+CASES = [
+    BASE,
+    *variants(BASE, hq=[1, 3, 8], hk=[1, 4], d=[2, 6, 64], rot=[0, 2, 6, 10], is_neox=[False], gemma=[True],
+              weights=[False], table_dtype=[BF16], layout=["strided", "contiguous"],
+              cache=[None, E4M3, E4M3UZ], cache_layout=["hnd", "unbind"], dv=[6, 32], block_size=[1, 16],
+              q_fp8=[E4M3, E4M3UZ], in_place=[True], give_k_out=[True], index_dtype=[torch.int32], t=[1, 13]),
+    RopeCase(cache=E4M3, scale_heads=True, cache_layout="hnd", is_neox=False, rot=8, q_fp8=E4M3),
+    RopeCase(cache=E4M3UZ, scale_heads=True, cache_layout="unbind", gemma=True, in_place=True, dtype=F16, table_dtype=F16),
+    RopeCase(cache=F16, dtype=F16, layout="strided", dv=10, rot=4, is_neox=False, weights=False, give_k_out=True),
+    RopeCase(t=6, hq=5, hk=3, d=24, rot=12, layout="strided"),  # nothing a power of two
+    RopeCase(dtype=F16, cache=F16),
+]
+
+
+def _id(c: RopeCase) -> str:
+    diff = [f"{k}={v}" for k, v in vars(c).items() if v != getattr(RopeCase(), k)]
+    return ",".join(diff).replace("torch.", "") or "default"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_triton_matches_reference(case: RopeCase) -> None:
+    run_case(case, "triton")
+
+
+@pytest.mark.parametrize("t", [1, 255, 257, 5000])
+def test_launch_config_blocks_are_powers_of_two(t: int) -> None:
+    for d, rot in ((128, 128), (128, 64), (256, 64), (96, 0), (6, 2)):
+        q = torch.empty(t, 32, d, dtype=BF16)
+        k = torch.empty(t, 8, d, dtype=BF16)
+        table = torch.empty(8, rot) if rot else None
+        pos = torch.empty(t, dtype=torch.int64) if rot else None
+        cfg = triton_launch.launch_config(plan_call(q, k, None, None, table, pos), t)
+        for n in (cfg.rows_q, cfg.rows_k, cfg.num_warps):
+            assert n >= 1 and n & (n - 1) == 0, cfg
+
+
+def test_many_programs_per_token_and_many_tokens_per_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of one token split across programs and programs spanning tokens agree with the reference."""
+    for tile in (16, 256):
+        monkeypatch.setattr(triton_launch, "_TILE_DECODE", tile)
+        run_case(RopeCase(t=7, hq=6, hk=2, d=16, cache=E4M3), "triton")
