@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .ops import call_op, traced
-from .pipeline import execute, plan_for
+from .pipeline import execute, native_fp8, plan_for
 
 __all__ = ["QKNormRopeOutput", "qk_norm_rope"]
 
@@ -106,6 +106,16 @@ def qk_norm_rope(
         q, k, q_weight, k_weight, cos_sin_cache, positions, q_epsilon, k_epsilon, is_neox, gemma_norm,
         q_out, k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale, check_indices,
     )  # fmt: skip
+    if traced(q):  # the op's fake kernel validates; here only what the allocations need
+        alloc_q = q_out is None
+        alloc_k = k_out is None and k_cache is None
+        if alloc_q:
+            dtype = native_fp8(q.device) if q_scale is not None else q.dtype
+            q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        if alloc_k:
+            k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        call_op((*args[:10], q_out, k_out, *args[12:]))
+        return QKNormRopeOutput(q_out, k_out)  # type: ignore[arg-type]
     plan = plan_for(args)
     allocated: tuple[str, ...] = ()
     if plan.alloc_q_out:
@@ -114,9 +124,5 @@ def qk_norm_rope(
     if plan.alloc_k_out:
         k_out = torch.empty((plan.t, plan.hk, plan.d), dtype=plan.dtype, device=plan.device)
         allocated += ("k_out",)
-    args = (*args[:10], q_out, k_out, *args[12:])
-    if traced(q):
-        call_op(args)
-    else:
-        execute(plan, args, allocated)
+    execute(plan, (*args[:10], q_out, k_out, *args[12:]), allocated)
     return QKNormRopeOutput(q_out, k_out)  # type: ignore[arg-type]

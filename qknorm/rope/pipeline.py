@@ -46,7 +46,13 @@ def _sig(x: object) -> object:
 
 
 def plan_for(args: tuple[Any, ...]) -> RopePlan:
-    """The plan of a call given as the canonical argument list (validated once per signature)."""
+    """The plan of a call given as the canonical argument list (validated once per signature).
+
+    While torch.compile traces, the plan is computed without the cache: Dynamo traces the
+    checks themselves (guarding on the shapes and strides they read).
+    """
+    if torch.compiler.is_compiling():
+        return _plan(args)
     try:
         key = tuple(_sig(a) for a in args)
         plan = _plans.get(key)
@@ -54,15 +60,19 @@ def plan_for(args: tuple[Any, ...]) -> RopePlan:
         key, plan = None, None
     if plan is not None:
         return plan
-    kwargs = dict(zip(ARG_NAMES, args))
-    q, k, qw, kw, table, pos = (kwargs.pop(n) for n in ARG_NAMES[:6])
-    plan = plan_call(q, k, qw, kw, table, pos, fp8_native=native_fp8, **kwargs)
+    plan = _plan(args)
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
             _plans[key] = plan
     return plan
+
+
+def _plan(args: tuple[Any, ...]) -> RopePlan:
+    kwargs = dict(zip(ARG_NAMES, args))
+    q, k, qw, kw, table, pos = (kwargs.pop(n) for n in ARG_NAMES[:6])
+    return plan_call(q, k, qw, kw, table, pos, fp8_native=native_fp8, **kwargs)
 
 
 def execute(plan: RopePlan, args: tuple[Any, ...], allocated: tuple[str, ...] = ()) -> None:
