@@ -10,6 +10,8 @@ Public entry points (SPEC §2):
 - :class:`QuantType` - aiter's enum, same names and values.
 - :class:`MLAQKNorm` (:mod:`qknorm.nn`) - DeepSeek/Kimi's ``q_a_layernorm`` and
   ``kv_a_layernorm`` as one module, optionally quantizing q.
+- :func:`qk_norm_rope` - per-head QK RMSNorm + RoPE + paged KV-cache write (SPEC_ROPE_CACHE),
+  with :class:`QKNormRoPE` (:mod:`qknorm.nn`) for one attention layer.
 - :func:`warmup` - probe, select and compile ahead of CUDA-graph capture.
 - ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) - the custom op torch.compile sees;
   the entries above route through it while compiling.
@@ -27,7 +29,7 @@ from .api import (
     fused_qk_rmsnorm_per_token_quant,
     qk_rmsnorm,
 )
-from .nn import MLAQKNorm, MLAQKNormOutput
+from .nn import MLAQKNorm, MLAQKNormOutput, QKNormRoPE
 from .quant import QuantMode, QuantType
 from .rope import QKNormRopeOutput, qk_norm_rope
 from .warmup import WarmupRecord, warmup
@@ -39,6 +41,7 @@ __all__ = [
     "MLAQKNormOutput",
     "QKNormOutput",
     "QKNormRopeOutput",
+    "QKNormRoPE",
     "QuantMode",
     "QuantType",
     "fused_qk_rmsnorm",

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .api import qk_rmsnorm
+from .rope.nn import QKNormRoPE
 
-__all__ = ["RMSNorm", "MLAQKNorm", "MLAQKNormOutput"]
+__all__ = ["RMSNorm", "MLAQKNorm", "MLAQKNormOutput", "QKNormRoPE"]
 
 _Q_QUANTS = (None, "fp8_group", "fp8_token", "fp8_tensor", "mxfp4")
 
