@@ -119,7 +119,7 @@ class QKNormRoPE(nn.Module):
         k = k if k.dim() == 3 else k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if v is not None and v.dim() == 2:
             v = v.unflatten(-1, (self.num_kv_heads, -1))
-        table = self.cos_sin_cache
+        table: torch.Tensor | None = self.cos_sin_cache  # type: ignore[assignment]
         return qk_norm_rope(
             q, k, None if self.q_norm is None else self.q_norm.weight, None if self.k_norm is None else self.k_norm.weight,
             table, positions if table is not None else None, q_epsilon=self.eps, is_neox=self.is_neox,
