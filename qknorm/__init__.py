@@ -32,6 +32,7 @@ from .api import (
 from .nn import MLAQKNorm, MLAQKNormOutput, QKNormRoPE
 from .quant import QuantMode, QuantType
 from .rope import QKNormRopeOutput, qk_norm_rope
+from .rope.warmup import warmup_qk_norm_rope
 from .warmup import WarmupRecord, warmup
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "qk_rmsnorm",
     "qk_norm_rope",
     "warmup",
+    "warmup_qk_norm_rope",
     "WarmupRecord",
     "__version__",
 ]

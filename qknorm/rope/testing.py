@@ -4,6 +4,7 @@ q, k and a q-dtype k cache: ``|out - ref| <= ulp(ref) + ulp(m)`` per element, ``
 magnitude of the rotation pair the element comes from (``|u|`` for pass-through channels), with
 at most 1% of elements differing at all. FP8 q and cache codes: within one step, at most 0.5%
 differing. v in the cache: bit-exact. The numbers live in :data:`qknorm.testing.TOLERANCES`.
+Comparisons run on the actual tensor's device (GPU tests at T = 65536 stay fast).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def pair_magnitude(req: RopeRequest, which: str) -> torch.Tensor:
 def assert_rope_close(actual: torch.Tensor, expected: torch.Tensor, m: torch.Tensor, name: str) -> None:
     """q / k / q-dtype k-cache values within ``ulp(ref) + ulp(m)``, at most 1% differing; NaN where the reference has NaN."""
     tol = TOLERANCES["rope"]
-    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    a, e = actual.detach().double(), expected.detach().to(actual.device).double()
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {list(a.shape)}, expected {list(e.shape)}")
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
@@ -55,7 +56,7 @@ def assert_rope_close(actual: torch.Tensor, expected: torch.Tensor, m: torch.Ten
         raise AssertionError(f"{name}: NaN positions differ ({int((nan_a != nan_e).sum())} elements)")
     a, e = torch.nan_to_num(a), torch.nan_to_num(e)
     diff = (a - e).abs()
-    bound = tol.rtol * ulp(e, expected.dtype) + tol.atol * ulp(m.detach().cpu(), expected.dtype)
+    bound = tol.rtol * ulp(e, expected.dtype) + tol.atol * ulp(m.detach().to(a.device), expected.dtype)
     bad = diff > bound
     if bool(bad.any()):
         i = int(bad.flatten().nonzero()[0])
@@ -73,7 +74,7 @@ def assert_rope_fp8_close(actual: torch.Tensor, expected: torch.Tensor, name: st
     tol = TOLERANCES["rope_fp8"]
     if actual.dtype != expected.dtype:
         raise AssertionError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
-    a, e = actual.detach().cpu().float(), expected.detach().cpu().float()
+    a, e = actual.detach().float(), expected.detach().to(actual.device).float()
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     if not torch.equal(nan_a, nan_e):
         raise AssertionError(f"{name}: NaN positions differ ({int((nan_a != nan_e).sum())} elements)")
@@ -93,7 +94,7 @@ def assert_rope_fp8_close(actual: torch.Tensor, expected: torch.Tensor, name: st
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     """Bit-exact equality (v in the cache, memory that must stay untouched)."""
-    a, e = actual.detach().cpu(), expected.detach().cpu()
+    a, e = actual.detach(), expected.detach().to(actual.device)
     if a.dtype != e.dtype or a.shape != e.shape:
         raise AssertionError(f"{name}: {a.dtype} {list(a.shape)}, expected {e.dtype} {list(e.shape)}")
     ab = a.contiguous().view(torch.uint8) if a.element_size() == 1 else a.contiguous().view(torch.int16 if a.element_size() == 2 else torch.int32)

@@ -1,0 +1,118 @@
+"""``qknorm.warmup_qk_norm_rope``: every first-use step of ``qk_norm_rope`` before CUDA-graph capture.
+
+The first call of a shape validates it (a plan), selects a backend and compiles the Triton
+kernel for each launch configuration; none of that may happen during capture (selection then
+raises :class:`~qknorm.backends.registry.BackendError`). Engines call this once per layer shape
+after loading weights, then capture.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..warmup import WarmupRecord
+from .api import qk_norm_rope
+from .backends import select
+from .pipeline import plan_for
+from .triton_launch import launch_config
+
+__all__ = ["warmup_qk_norm_rope"]
+
+logger = logging.getLogger(__name__)
+
+
+def _sizes(max_tokens: int) -> list[int]:
+    """Token counts that reach every launch configuration: powers of two, and each side of the decode bound."""
+    sizes = {max_tokens}
+    t = 1
+    while t <= max_tokens:
+        sizes.add(t)
+        t *= 2
+    sizes.update(s for s in (256, 257) if s <= max_tokens)
+    return sorted(sizes)
+
+
+def warmup_qk_norm_rope(
+    num_heads: int, num_kv_heads: int, head_dim: int, *, rotary_dim: int | None = None,
+    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None, max_tokens: int = 8192,
+    max_position: int = 4096, table_dtype: torch.dtype = torch.float32, index_dtype: torch.dtype = torch.int64,
+    is_neox: bool = True, gemma_norm: bool = False, weightless: bool = False, packed: bool = True,
+    cache_dtype: torch.dtype | None = None, block_size: int = 16, scale_per_head: bool = False,
+    q_fp8: torch.dtype | None = None, in_place: bool = False,
+) -> WarmupRecord:  # fmt: skip
+    """Validate, select and compile every launch configuration the given calls need up to ``max_tokens``.
+
+    Parameters
+    ----------
+    num_heads, num_kv_heads, head_dim, rotary_dim : int
+        Hq, Hk, D and R (default D; 0: no rotation).
+    dtype, table_dtype, index_dtype : torch.dtype
+        Of q/k/v, of the rotary table, of positions and slot_mapping.
+    device : optional
+        Default: the current CUDA device, else the CPU.
+    max_tokens : int
+        The largest T that will be captured or run.
+    max_position : int
+        Rows of the table used for warming (the row count does not change the compiled code).
+    is_neox, gemma_norm, weightless
+        As the calls will pass them (``weightless``: weights None).
+    packed : bool
+        q, k, v as views of one packed ``[T, (Hq + 2 Hk) D]`` buffer, as the model passes them
+        (their strides are part of what is compiled); False: contiguous tensors of their own.
+    cache_dtype : torch.dtype, optional
+        Warm calls that write a cache of this dtype (NHD, ``block_size``); None: no cache write.
+    scale_per_head : bool
+        FP8 cache scales ``[Hk]`` instead of ``[1]``.
+    q_fp8 : torch.dtype, optional
+        Warm FP8 q output of this flavour.
+    in_place : bool
+        ``q_out=q`` (and ``k_out=k`` without a cache).
+
+    Returns
+    -------
+    WarmupRecord
+        ``(None, backend name, token counts run)``.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))  # fmt: skip
+    rot = head_dim if rotary_dim is None else rotary_dim
+    hq, hk, d = num_heads, num_kv_heads, head_dim
+    width = (hq + 2 * hk) * d
+    qkv = torch.randn((max_tokens, width), device=dev).to(dtype)
+    w = None if weightless else torch.ones(d, dtype=dtype, device=dev)
+    table = torch.rand((max_position, rot), device=dev).to(table_dtype) if rot else None
+    nb = -(-max_tokens // block_size)
+    cache = None
+    if cache_dtype is not None:
+        cache = [torch.zeros((nb, block_size, hk, d), device=dev).to(cache_dtype) for _ in range(2)]
+    scales = torch.ones(hk if scale_per_head else 1, device=dev)
+    sizes = _sizes(max_tokens)
+    backend = "none"
+    for t in sizes:
+        q, k, v = (x.view(t, -1, d) for x in qkv[:t].split((hq * d, hk * d, hk * d), dim=-1))
+        if not packed:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        kwargs: dict[str, object] = dict(is_neox=is_neox, gemma_norm=gemma_norm)
+        if cache is not None:
+            fp8 = cache_dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+            kwargs.update(v=v, k_cache=cache[0], v_cache=cache[1], slot_mapping=torch.arange(t, device=dev, dtype=index_dtype),
+                          k_scale=scales if fp8 else None, v_scale=scales if fp8 else None)  # fmt: skip
+        if q_fp8 is not None:
+            kwargs.update(q_scale=torch.ones(1, device=dev), q_out=torch.empty((t, hq, d), dtype=q_fp8, device=dev))
+        elif in_place:
+            kwargs.update(q_out=q, k_out=None if cache is not None else k)
+        pos = torch.zeros(t, dtype=index_dtype, device=dev) if rot else None
+        qk_norm_rope(q, k, w, w, table, pos, **kwargs)  # type: ignore[arg-type]
+        plan = plan_for((q, k, w, w, table, pos, 1e-6, None, is_neox, gemma_norm, kwargs.get("q_out"), kwargs.get("k_out"),
+                         kwargs.get("v"), kwargs.get("k_cache"), kwargs.get("v_cache"), kwargs.get("slot_mapping"),
+                         kwargs.get("k_scale"), kwargs.get("v_scale"), kwargs.get("q_scale"), False))  # fmt: skip
+        backend = select(plan).name
+        logger.debug("qknorm: warmed qk_norm_rope T=%d (%s)", t, launch_config(plan, t))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    logger.info("qknorm: warmed qk_norm_rope on backend %s for T in %s", backend, sizes)
+    return WarmupRecord(None, backend, tuple(sizes))
