@@ -34,6 +34,7 @@ from .checks import build_request
 from .quant import QuantMode
 from .reference import e8m0_to_float, qk_rmsnorm_reference
 from .request import QKNormRequest
+from .rope import cli as rope_cli
 from .testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close, decode_e2m1
 
 __all__ = ["main"]
@@ -265,6 +266,10 @@ def _cmd_backends(args: argparse.Namespace) -> int:
                 (str(dev), case.label.removeprefix("deepseek bfloat16 "), decision.backend or "NONE", passed_over)
             )
     print(_table(rows, ("device", "mode", "backend", "passed over")))
+    print("\nqk_norm_rope backends:\n")
+    print(_table(rope_cli.backend_rows(), rope_cli.BACKEND_HEADER))
+    print()
+    print(_table(rope_cli.choice_rows(_devices()), ("device", "call", "backend", "passed over")))
     return 0
 
 
@@ -317,7 +322,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             rows.append((t, label, backend, f"{err:.3g}", f"{us:.1f}", "ok" if ok else f"FAIL: {why}"))
     print(_table(rows, ("T", "mode", "backend", "max abs err", "us/call (eager)", "check")))
     print("\nmax abs err: normalized outputs, and dequantized q for FP8/MXFP4, against qknorm.reference")
-    return 1 if failed else 0
+    print(f"\nQwen3-8B qk_norm_rope on {device}: q [T, 32, 128], k and v [T, 8, 128] views of the packed qkv, bf16\n")
+    rope_rows, rope_failed = rope_cli.demo_rows(device, tokens, args.iters or (50 if device.type == "cuda" else 5))
+    print(_table(rope_rows, ("T", "call", "backend", "max abs err", "us/call (eager)", "check")))
+    print("\ncheck: q and the cache against qknorm.rope.reference (SPEC_ROPE_CACHE §3 tolerances)")
+    return 1 if failed or rope_failed else 0
 
 
 # ----------------------------------------------------------------------------- check
@@ -420,6 +429,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
     for (name, where, why), count in sorted(skipped.items()) if not args.verbose else ():
         print(f"{name} on {where}: {count} case(s) skipped: {why}")
+    rope_rows, rope_passes, rope_failures = rope_cli.check_rows(names, devices, args.quick)
+    passes, failures = passes + rope_passes, failures + rope_failures
+    rope_shown = [r for r in rope_rows if args.verbose or r[3] != "skip"]
+    if rope_shown:
+        ts = "1, 67" if args.quick else "1, 67, 300"
+        print("\n" + _table(rope_shown, ("backend", "device", f"case (T = {ts})", "result", "max abs err", "note")))
     print(f"\n{passes} passed, {failures} failed, {sum(skipped.values())} skipped")
     return 1 if failures else 0
 
@@ -461,13 +476,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--verbose", action="store_true", help="list skipped cases one by one")
     check.set_defaults(func=_cmd_check)
     # Only for --help: main() hands everything after "bench" to qknorm.bench untouched.
-    sub.add_parser("bench", help="benchmark against peers (GPU); arguments go to qknorm.bench", add_help=False)
+    sub.add_parser("bench", help="benchmark against peers (GPU); arguments go to qknorm.bench ('bench rope ...': "
+                   "qk_norm_rope's benchmark, qknorm.rope.bench)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "rope"]:
+        from .rope.bench import main as bench_rope
+
+        return int(bench_rope(argv[2:]) or 0)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = _parser().parse_args(argv)

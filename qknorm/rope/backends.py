@@ -22,7 +22,7 @@ from ..backends.registry import BackendError, priority
 from .checks import RopePlan, RopeRequest
 from .reference import qk_norm_rope_reference
 
-__all__ = ["RopeBackend", "RopeTorchBackend", "select", "explain", "run_request", "reset", "describe"]
+__all__ = ["RopeBackend", "RopeTorchBackend", "backend_names", "get_backend", "select", "explain", "run_request", "reset", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ def _backend(name: str) -> RopeBackend:
     if inst is None:
         inst = _instances[name] = _FACTORIES[name]()
     return inst
+
+
+def backend_names() -> tuple[str, ...]:
+    """The backends that can serve this operator."""
+    return tuple(_FACTORIES)
+
+
+def get_backend(name: str) -> RopeBackend:
+    """The (lazily constructed) backend ``name`` of :func:`backend_names`."""
+    with _lock:
+        return _backend(name)
 
 
 def _why_not(name: str, plan: RopePlan, explicit: bool) -> str | None:
