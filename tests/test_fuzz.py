@@ -161,7 +161,7 @@ def check_definition(case: Case, inp: Inputs, values: dict[str, torch.Tensor], e
     if case.m == 0:
         return
     x = inp.q.float().cpu() + (0 if inp.q_residual is None else inp.q_residual.float().cpu())
-    for name in ("q_out", "q_out_copy"):
+    for name in ("q_out", "q_out_unquantized"):
         if name in values:
             _check_normalized(values[name], x, name)
     if "k_out" in values and inp.k is not None:

@@ -408,8 +408,6 @@ def run_request(req: QKNormRequest) -> str:
                 raise BackendError(str(err)) from exc
             continue
         break
-    if req.q_out_copy is not None:
-        req.q_out_copy.copy_(req.q_out)  # type: ignore[arg-type]
     return backend.name
 
 
