@@ -94,6 +94,8 @@ class QKNormRequest:
       read every element of a row before its last pass writes any element of that row.
     """
 
+    op = "fused_qk_rmsnorm"  # the operator (the registry selects among its backends)
+
     __slots__ = ("k", "k_out", "k_weight", "plan", "q", "q_out", "q_quant", "q_res_out", "q_residual", "q_scale",
                  "q_weight")  # fmt: skip
 
@@ -172,6 +174,17 @@ class QKNormRequest:
     def quant_dtype(self) -> torch.dtype | None:
         """FP8 output dtype (decides FMAX), uint8 for MXFP4, None without quantization."""
         return None if self.q_quant is None else self.q_quant.dtype
+
+    def describe(self) -> str:
+        """The request's kind in words (for selection logs and errors)."""
+        k = f", k [*, {self.n2}]" if self.has_k else ""
+        extras = [s for s, on in (("residual", self.q_residual is not None), ("gemma", self.gemma)) if on]
+        mode = self.mode
+        quant = mode.value if self.quant_dtype is None else f"{mode.value} ({self.quant_dtype})"
+        if mode in (QuantMode.FP8_GROUP, QuantMode.MXFP4):
+            quant += f" group {self.group_size}" + (" transposed scales" if self.transpose_scale else "")
+        more = f" with {' and '.join(extras)}" if extras else ""
+        return f"q [*, {self.n1}]{k} {self.dtype} on {self.device}{more}, quant {quant}"
 
     def outputs(self) -> tuple[torch.Tensor, ...]:
         """Every tensor this request writes."""
