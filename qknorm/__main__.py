@@ -31,7 +31,7 @@ from . import __version__
 from .backends import registry
 from .backends.base import Backend
 from .checks import build_request
-from .quant import QuantMode
+from .quant import QuantMode, native_fp8_dtype
 from .reference import e8m0_to_float, qk_rmsnorm_reference
 from .request import QKNormRequest
 from .testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close, decode_e2m1
@@ -54,15 +54,6 @@ def _devices() -> list[torch.device]:
     if torch.cuda.is_available():
         devs += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return devs
-
-
-def _fp8_for(device: torch.device) -> torch.dtype:
-    """The FP8 flavour native to ``device``: e4m3fnuz on MI300 (gfx94x), e4m3fn elsewhere."""
-    if device.type == "cuda" and torch.version.hip is not None:
-        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
-        if arch.startswith("gfx94"):
-            return torch.float8_e4m3fnuz
-    return torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- requests
@@ -238,7 +229,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def _case_for(mode: QuantMode, device: torch.device) -> _Case:
     group = {QuantMode.FP8_GROUP: 128, QuantMode.MXFP4: 32}.get(mode, 0)
-    return _Case("deepseek", 1536, 512, mode, group_size=group, fp8=_fp8_for(device) if mode.is_fp8 else None)
+    return _Case("deepseek", 1536, 512, mode, group_size=group, fp8=native_fp8_dtype(device) if mode.is_fp8 else None)
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -290,7 +281,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = args.tokens or ([1, 16, 256, 4096] if device.type == "cuda" else [1, 16, 128])
-    fp8 = _fp8_for(device)
+    fp8 = native_fp8_dtype(device)
     print(f"DeepSeek MLA norms on {device}: q [T, 1536] and k [T, 512] as views of [T, 2112], bf16\n")
     rows, failed = [], False
     for t in tokens:
@@ -324,7 +315,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _check_cases(device: torch.device, quick: bool) -> list[_Case]:
-    fp8 = _fp8_for(device)
+    fp8 = native_fp8_dtype(device)
     other = torch.float8_e4m3fnuz if fp8 == torch.float8_e4m3fn else torch.float8_e4m3fn
     bf16, fp16 = torch.bfloat16, torch.float16
     none, group, token, tensor, mxfp4 = _MODES
