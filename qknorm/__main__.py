@@ -305,9 +305,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             )  # fmt: skip
             us = _time_call(call, device, args.iters or (50 if device.type == "cuda" else 5))
             label = case.label.removeprefix("deepseek bfloat16 ")
-            rows.append((t, label, backend, f"{err:.3g}", f"{us:.1f}", "ok" if ok else f"FAIL: {why}"))
+            verdict = "reference" if backend == registry.REFERENCE_BACKEND else "ok"  # nothing independent compared
+            rows.append((t, label, backend, f"{err:.3g}", f"{us:.1f}", verdict if ok else f"FAIL: {why}"))
     print(_table(rows, ("T", "mode", "backend", "max abs err", "us/call (eager)", "check")))
     print("\nmax abs err: normalized outputs, and dequantized q for FP8/MXFP4, against qknorm.reference")
+    if any(row[2] == registry.REFERENCE_BACKEND for row in rows):
+        print(f"check 'reference': the {registry.REFERENCE_BACKEND} backend is qknorm.reference, so nothing independent was compared")
     return 1 if failed else 0
 
 
@@ -402,7 +405,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 ok, err, note = result
                 passes += ok
                 failures += not ok
-                rows.append((name, dev, case.label, "pass" if ok else "FAIL", f"{err:.3g}" if err >= 0 else "-", note))
+                verdict = "reference" if name == registry.REFERENCE_BACKEND else "pass"  # compared with itself
+                rows.append((name, dev, case.label, verdict if ok else "FAIL", f"{err:.3g}" if err >= 0 else "-", note))
     if rows:
         print(
             _table(
@@ -411,6 +415,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
     for (name, where, why), count in sorted(skipped.items()) if not args.verbose else ():
         print(f"{name} on {where}: {count} case(s) skipped: {why}")
+    if registry.REFERENCE_BACKEND in names:
+        print(f"'reference': the {registry.REFERENCE_BACKEND} backend is qknorm.reference itself (nothing independent compared)")
     print(f"\n{passes} passed, {failures} failed, {sum(skipped.values())} skipped")
     return 1 if failures else 0
 

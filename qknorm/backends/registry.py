@@ -68,6 +68,7 @@ __all__ = [
     "default_policy",
     "set_policy",
     "DEFAULT_OP",
+    "REFERENCE_BACKEND",
     "register_operator",
     "operators",
 ]
@@ -77,6 +78,9 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "QKNORM_BACKEND"
 # The default priority, best first.
 BACKEND_NAMES = ("aiter", "triton", "torch")
+# The backend that is qknorm.reference itself: its numbers are the oracle's, so comparing them
+# with the reference checks nothing (tests, `python -m qknorm check` and `demo` say so).
+REFERENCE_BACKEND = "torch"
 # The operator the name-based functions (register_backend, get_backend, probe, ...) speak of by default.
 DEFAULT_OP = "fused_qk_rmsnorm"
 
