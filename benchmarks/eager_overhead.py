@@ -1,14 +1,18 @@
 """Per-call wall time of qknorm's eager entries, split into qknorm's Python, the launch and the GPU.
 
-Three numbers per entry, DeepSeek shapes at M = 1 (q ``[1, 1536]`` and k ``[1, 512]``, bf16):
+Per entry, DeepSeek shapes at M = 1 (q ``[1, 1536]`` and k ``[1, 512]``, bf16):
 
 - ``python``: the public call with a backend whose ``run`` does nothing, so only qknorm's own
   Python (entry, plan lookup, aliasing check, backend selection) is timed. Runs on any device.
 - ``call``: the public call with the backend qknorm selects (on a GPU: the Triton kernel),
-  back-to-back calls, one synchronize per batch.
-- ``rms_norm x2``: two eager ``F.rms_norm`` calls on the same tensors, the simplest peer.
+  back-to-back calls, one synchronize per batch: the wall time an eager caller pays.
+- ``launch``: ``call - python``, the backend's own host work and the kernel launch (at M = 1 the
+  GPU finishes each kernel before the host has launched the next, so it adds nothing here).
+- ``gpu``: the same call captured in a CUDA graph and replayed: the device time alone.
+- ``rms_norm x2``: two eager ``F.rms_norm`` calls on the same tensors, the simplest peer; and
+  ``empty triton``: a Triton kernel that does nothing, launched from Python.
 
-With a GPU, ``launch + GPU`` is ``call - python``. Run::
+Run::
 
     python benchmarks/eager_overhead.py            # CUDA if available, else CPU (python only)
     python benchmarks/eager_overhead.py --device cpu
@@ -60,6 +64,37 @@ def _best_us(fn: Callable[[], object], calls: int, repeats: int, sync: Callable[
     return best
 
 
+def _graph_us(fn: Callable[[], object], calls: int = 200, reps: int = 20) -> float:
+    """Device time per call: ``calls`` calls in one CUDA graph, median replay (after a warm call)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _empty_triton(device: torch.device) -> Callable[[], object]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty_kernel(X_ptr, n: tl.constexpr):
+        pass
+
+    x = torch.empty(1, device=device)
+    return lambda: _empty_kernel[(1,)](x, 1)
+
+
 def _calls(device: torch.device) -> dict[str, Callable[[], object]]:
     dt = torch.bfloat16
     latent = torch.randn(1, 2112, dtype=dt, device=device)
@@ -98,18 +133,23 @@ def main(argv: list[str] | None = None) -> None:
             python = {name: _best_us(fn, args.calls, args.repeats, sync) for name, fn in calls.items() if "x2" not in name}
     finally:
         registry.register_backend("null", previous)
-    full = {name: _best_us(fn, args.calls, args.repeats, sync) for name, fn in calls.items()} if device.type != "cpu" else {}
+    full: dict[str, float] = {}
+    gpu: dict[str, float] = {}
+    if device.type == "cuda":
+        calls["empty triton"] = _empty_triton(device)
+        full = {name: _best_us(fn, args.calls, args.repeats, sync) for name, fn in calls.items()}
+        gpu = {name: _graph_us(fn) for name, fn in calls.items() if name != "empty triton"}
 
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, µs per call, best of {args.repeats} x {args.calls}")  # fmt: skip
-    print(f"{'entry':36s} {'python':>8s} {'call':>8s} {'launch+GPU':>11s}")
+    name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name_of}), torch {torch.__version__}, µs per call, best of {args.repeats} x {args.calls}")
+    print(f"{'entry':36s} {'python':>8s} {'call':>8s} {'launch':>8s} {'gpu':>8s}")
     for name in calls:
         py, tot = python.get(name), full.get(name)
         launch = None if py is None or tot is None else tot - py
-        cells = [f"{v:8.2f}" if v is not None else f"{'-':>8s}" for v in (py, tot)]
-        print(f"{name:36s} {cells[0]} {cells[1]} {launch if launch is None else round(launch, 2)!s:>11s}")
+        cells = [f"{v:8.2f}" if v is not None else f"{'-':>8s}" for v in (py, tot, launch, gpu.get(name))]
+        print(f"{name:36s} {' '.join(cells)}")
     if device.type == "cpu":
-        print("(CPU: only qknorm's Python is timed; the kernel columns need a GPU)")
+        print("(CPU: only qknorm's Python is timed; the other columns need a GPU)")
 
 
 if __name__ == "__main__":
