@@ -31,7 +31,7 @@ from . import __version__
 from .backends import registry
 from .backends.base import Backend
 from .checks import build_request
-from .quant import QuantMode
+from .quant import QuantMode, native_fp8_dtype
 from .reference import e8m0_to_float, qk_rmsnorm_reference
 from .request import QKNormRequest
 from .rope import cli as rope_cli
@@ -55,15 +55,6 @@ def _devices() -> list[torch.device]:
     if torch.cuda.is_available():
         devs += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return devs
-
-
-def _fp8_for(device: torch.device) -> torch.dtype:
-    """The FP8 flavour native to ``device``: e4m3fnuz on MI300 (gfx94x), e4m3fn elsewhere."""
-    if device.type == "cuda" and torch.version.hip is not None:
-        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
-        if arch.startswith("gfx94"):
-            return torch.float8_e4m3fnuz
-    return torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- requests
@@ -239,7 +230,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def _case_for(mode: QuantMode, device: torch.device) -> _Case:
     group = {QuantMode.FP8_GROUP: 128, QuantMode.MXFP4: 32}.get(mode, 0)
-    return _Case("deepseek", 1536, 512, mode, group_size=group, fp8=_fp8_for(device) if mode.is_fp8 else None)
+    return _Case("deepseek", 1536, 512, mode, group_size=group, fp8=native_fp8_dtype(device) if mode.is_fp8 else None)
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -295,7 +286,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = args.tokens or ([1, 16, 256, 4096] if device.type == "cuda" else [1, 16, 128])
-    fp8 = _fp8_for(device)
+    fp8 = native_fp8_dtype(device)
     print(f"DeepSeek MLA norms on {device}: q [T, 1536] and k [T, 512] as views of [T, 2112], bf16\n")
     rows, failed = [], False
     for t in tokens:
@@ -319,9 +310,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             )  # fmt: skip
             us = _time_call(call, device, args.iters or (50 if device.type == "cuda" else 5))
             label = case.label.removeprefix("deepseek bfloat16 ")
-            rows.append((t, label, backend, f"{err:.3g}", f"{us:.1f}", "ok" if ok else f"FAIL: {why}"))
+            verdict = "reference" if backend == registry.REFERENCE_BACKEND else "ok"  # nothing independent compared
+            rows.append((t, label, backend, f"{err:.3g}", f"{us:.1f}", verdict if ok else f"FAIL: {why}"))
     print(_table(rows, ("T", "mode", "backend", "max abs err", "us/call (eager)", "check")))
     print("\nmax abs err: normalized outputs, and dequantized q for FP8/MXFP4, against qknorm.reference")
+    if any(row[2] == registry.REFERENCE_BACKEND for row in rows):
+        print(f"check 'reference': the {registry.REFERENCE_BACKEND} backend is qknorm.reference, so nothing independent was compared")
     print(f"\nQwen3-8B qk_norm_rope on {device}: q [T, 32, 128], k and v [T, 8, 128] views of the packed qkv, bf16\n")
     rope_rows, rope_failed = rope_cli.demo_rows(device, tokens, args.iters or (50 if device.type == "cuda" else 5))
     print(_table(rope_rows, ("T", "call", "backend", "max abs err", "us/call (eager)", "check")))
@@ -333,7 +327,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _check_cases(device: torch.device, quick: bool) -> list[_Case]:
-    fp8 = _fp8_for(device)
+    fp8 = native_fp8_dtype(device)
     other = torch.float8_e4m3fnuz if fp8 == torch.float8_e4m3fn else torch.float8_e4m3fn
     bf16, fp16 = torch.bfloat16, torch.float16
     none, group, token, tensor, mxfp4 = _MODES
@@ -420,7 +414,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 ok, err, note = result
                 passes += ok
                 failures += not ok
-                rows.append((name, dev, case.label, "pass" if ok else "FAIL", f"{err:.3g}" if err >= 0 else "-", note))
+                verdict = "reference" if name == registry.REFERENCE_BACKEND else "pass"  # compared with itself
+                rows.append((name, dev, case.label, verdict if ok else "FAIL", f"{err:.3g}" if err >= 0 else "-", note))
     if rows:
         print(
             _table(
@@ -435,6 +430,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if rope_shown:
         ts = "1, 67" if args.quick else "1, 67, 300"
         print("\n" + _table(rope_shown, ("backend", "device", f"case (T = {ts})", "result", "max abs err", "note")))
+    if registry.REFERENCE_BACKEND in names:
+        print(f"'reference': the {registry.REFERENCE_BACKEND} backend is qknorm.reference itself (nothing independent compared)")
     print(f"\n{passes} passed, {failures} failed, {sum(skipped.values())} skipped")
     return 1 if failures else 0
 

@@ -1,11 +1,10 @@
 """The entry points of SPEC §2.
 
-Each entry maps its arguments onto one canonical argument list (that of
-:func:`qknorm.checks.build_request`, which is also the schema of the custom op
-``torch.ops.qknorm.fused_qk_rmsnorm``) and hands it to :func:`qknorm.ops.submit`: under
-torch.compile that is the custom op, one opaque node in the graph; in eager mode it is
-:func:`qknorm.fastpath.execute`, which validates once per argument signature and calls the
-selected backend without going through the dispatcher.
+Each entry resolves its own conventions (aiter's argument names, which output holds what in
+each mode, the Pythonic entry's allocation) into one keyword call of the operator,
+:func:`qknorm.ops.call_args`, and hands it to :func:`qknorm.ops.submit`: in eager mode the
+call pipeline (plan cached per signature, aliasing check, backend); under torch.compile the
+custom op ``torch.ops.qknorm.fused_qk_rmsnorm``.
 """
 
 from __future__ import annotations
@@ -15,9 +14,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .backends.registry import run_request
 from .checks import check_eps
-from .ops import submit
-from .quant import FP8_DTYPES, QuantType, is_fp4_dtype
+from .core.aliasing import overlaps
+from .core.signature import TensorSpec, tensor_key
+from .ops import PIPELINE, SLOT, call_args, submit
+from .quant import FP8_DTYPES, QuantMode, QuantType, is_fp4_dtype
 
 __all__ = [
     "fused_qk_rmsnorm",
@@ -26,6 +28,8 @@ __all__ = [
     "fused_qk_rmsnorm_legacy",
     "qk_rmsnorm",
     "QKNormOutput",
+    "qk_rmsnorm_call",
+    "quant_mode",
 ]
 
 # Group size of each block-scaled QuantType in aiter's unified entry (SPEC §2): the 2-D
@@ -118,20 +122,25 @@ def fused_qk_rmsnorm(
         Before anything is written, for any argument outside SPEC §3 (message names it).
     """
     qt = quant_type if type(quant_type) is QuantType else _quant_type(quant_type)
-    if qt is QuantType.No:
+    if qt is QuantType.No:  # aiter writes the normalized q to q_out_quantized, in q's dtype
         if q_out_scale is not None:
             raise ValueError("q_out_scale must be None with quant_type=QuantType.No, got a tensor")
-        q_out, q_out_name, q_out_copy = q_out_quantized, "q_out_quantized", q_out_unquantized
-        if q_out is None:
-            q_out, q_out_name, q_out_copy = q_out_unquantized, "q_out_unquantized", None
-        if q_out is None:
+        if q_out_quantized is None and q_out_unquantized is None:
             raise ValueError(
                 "q_out_quantized must be given with quant_type=QuantType.No (it receives the normalized q)"
             )
-        submit(
-            q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
-            "none", None, q_out, q_out_name, q_out_copy, None, None, transpose_scale,
+        args = call_args(
+            q=q, q_weight=q_weight,  # type: ignore[arg-type]  # None is rejected by validation (TypeError)
+            q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon, k_out=k_out,
+            q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm, transpose_scale=transpose_scale,
+            q_out=q_out_unquantized if q_out_quantized is None else q_out_quantized,
         )  # fmt: skip
+        if q_out_quantized is None:
+            submit(args, _AS_UNQUANTIZED)
+        elif q_out_unquantized is None:
+            submit(args, _AS_QUANTIZED)
+        else:
+            _submit_with_copy(args, q_out_unquantized)
         return
     if qt is QuantType.per_Tensor:
         mode, gs = "fp8_tensor", None
@@ -141,9 +150,40 @@ def fused_qk_rmsnorm(
         mode = _block_mode(q_out_quantized)
         gs = _QUANT_TYPE_GROUP[qt] if group_size is None else group_size
     submit(
-        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
-        mode, gs, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale, transpose_scale,
+        call_args(
+            q=q, q_weight=q_weight,  # type: ignore[arg-type]  # None is rejected by validation (TypeError)
+            q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon, k_out=k_out,
+            q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm, quant_mode=mode, group_size=gs,
+            q_out=q_out_unquantized, q_out_quantized=q_out_quantized, q_out_scale=q_out_scale,
+            transpose_scale=transpose_scale,
+        ),
+        _AS_UNQUANTIZED,
     )  # fmt: skip
+
+
+# Error messages name the normalized-q output as the entry's caller passed it.
+_AS_QUANTIZED = {"q_out": "q_out_quantized"}
+_AS_UNQUANTIZED = {"q_out": "q_out_unquantized"}
+
+
+def _submit_with_copy(args: tuple[Any, ...], second: torch.Tensor) -> None:
+    """aiter's ``No`` mode given both q outputs: the kernel writes ``q_out_quantized``, then a copy.
+
+    In eager mode the second output is validated as the call's ``q_out`` would be (shape, dtype,
+    device, aliasing against every other tensor) before anything is written.
+    """
+    i = SLOT["q_out"]
+    first = args[i]
+    if not (torch.compiler.is_compiling() or isinstance(first, torch._subclasses.FakeTensor)):
+        req = PIPELINE.request(args, _AS_QUANTIZED)
+        PIPELINE.request((*args[:i], second, *args[i + 1 :]), _AS_UNQUANTIZED)
+        a, b = TensorSpec._make(tensor_key(first)), TensorSpec._make(tensor_key(second))
+        if overlaps(a, first.data_ptr(), b, second.data_ptr()):
+            raise ValueError("q_out_quantized and q_out_unquantized must not overlap in memory")
+        run_request(req)
+    else:
+        submit(args, _AS_QUANTIZED)
+    second.copy_(first)
 
 
 def fused_qk_rmsnorm_group_quant(
@@ -182,9 +222,13 @@ def fused_qk_rmsnorm_group_quant(
     else:
         mode = _block_mode(q_out_quantized)
     submit(
-        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
-        mode, group_size, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale,
-        transpose_scale,
+        call_args(
+            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon, k_out=k_out,
+            q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm, quant_mode=mode, group_size=group_size,
+            q_out=q_out_unquantized, q_out_quantized=q_out_quantized, q_out_scale=q_out_scale,
+            transpose_scale=transpose_scale,
+        ),
+        _AS_UNQUANTIZED,
     )  # fmt: skip
 
 
@@ -209,8 +253,12 @@ def fused_qk_rmsnorm_per_token_quant(
     :func:`fused_qk_rmsnorm`.
     """
     submit(
-        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, q_res_out, gemma_norm,
-        "fp8_token", None, q_out_unquantized, "q_out_unquantized", None, q_out_quantized, q_out_scale, False,
+        call_args(
+            q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon, k_out=k_out,
+            q_residual=q_residual, q_res_out=q_res_out, gemma_norm=gemma_norm, quant_mode="fp8_token",
+            q_out=q_out_unquantized, q_out_quantized=q_out_quantized, q_out_scale=q_out_scale,
+        ),
+        _AS_UNQUANTIZED,
     )  # fmt: skip
 
 
@@ -242,10 +290,14 @@ def fused_qk_rmsnorm_legacy(
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = None if k is None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     submit(
-        q, q_weight, q_eps, k, k_weight, k_eps, k_out, None, None, False,
-        "none", None, q_out, "q_out_unquantized", None, None, None, False,
+        call_args(q=q, q_weight=q_weight, q_epsilon=q_eps, k=k, k_weight=k_weight, k_epsilon=k_eps, k_out=k_out,
+                  q_out=q_out),
+        _AS_UNQUANTIZED,
     )  # fmt: skip
     return q_out, k_out
+
+
+_RESULT_FIELDS = ("k_out", "q_res_out", "q_out", "q_out_quantized", "q_out_scale")
 
 
 class QKNormOutput(NamedTuple):
@@ -269,14 +321,12 @@ class QKNormOutput(NamedTuple):
     q_residual_out: torch.Tensor | None
 
 
-_QUANT_NAMES = {
-    None: "none",
-    "none": "none",
-    "fp8_group": "fp8_group",
-    "fp8_token": "fp8_token",
-    "fp8_tensor": "fp8_tensor",
-    "mxfp4": "mxfp4",
-}
+def quant_mode(quant: object) -> QuantMode:
+    """The :class:`QuantMode` named by :func:`qk_rmsnorm`'s ``quant`` (None: no quantization)."""
+    try:
+        return QuantMode.NONE if quant is None else QuantMode(quant)
+    except ValueError:
+        raise ValueError(f"quant must be one of {[None, *(m.value for m in QuantMode)]}, got {quant!r}") from None
 
 
 def _rows(name: str, t: object, lead: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -296,7 +346,7 @@ def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(t) if t.dtype == dtype else torch.empty(t.shape, dtype=dtype, device=t.device)
 
 
-def _qk_rmsnorm_args(
+def qk_rmsnorm_call(
     q: torch.Tensor,
     q_weight: torch.Tensor,
     k: torch.Tensor | None,
@@ -305,33 +355,33 @@ def _qk_rmsnorm_args(
     q_epsilon: float,
     k_epsilon: float | None,
     gemma_norm: bool,
-    mode: str,
+    mode: QuantMode,
     group_size: int | None,
     fp8_dtype: torch.dtype,
     transpose_scale: bool,
     return_unquantized: bool,
 ) -> tuple[Any, ...]:
-    """Allocate :func:`qk_rmsnorm`'s outputs for 2-D inputs; return the op's argument list."""
+    """Allocate :func:`qk_rmsnorm`'s outputs for 2-D inputs; return the call (:func:`qknorm.ops.call_args`)."""
     m, n1 = q.shape
     dtype, dev = q.dtype, q.device
-    q_out = torch.empty_like(q) if (mode == "none" or return_unquantized) else None
+    q_out = torch.empty_like(q) if (mode is QuantMode.NONE or return_unquantized) else None
     # empty_like is about 2 us cheaper than empty(shape, dtype=, device=) per call (torch 2.13, CPU).
     k_out = None if k is None else _like(k, dtype)
     res_out = None if q_residual is None else _like(q_residual, dtype)
     quant_t = scale = None
     gs = group_size
-    if mode == "mxfp4":
+    if mode is QuantMode.MXFP4:
         gs = 32 if group_size is None else group_size
         quant_t = torch.empty((m, n1 // 2), dtype=torch.uint8, device=dev)
         groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
         scale = torch.empty((m, groups), dtype=torch.uint8, device=dev)
-    elif mode != "none":
+    elif mode is not QuantMode.NONE:
         if not isinstance(fp8_dtype, torch.dtype):
             raise TypeError(f"fp8_dtype must be a torch.dtype, got {type(fp8_dtype).__name__}")
         if fp8_dtype not in FP8_DTYPES:
             raise TypeError(f"fp8_dtype must be torch.float8_e4m3fn or torch.float8_e4m3fnuz, got {fp8_dtype}")
         quant_t = torch.empty((m, n1), dtype=fp8_dtype, device=dev)
-        if mode == "fp8_group":
+        if mode is QuantMode.FP8_GROUP:
             gs = 128 if group_size is None else group_size
             groups = n1 // gs if isinstance(gs, int) and gs > 0 else 1
             scale = (
@@ -339,13 +389,14 @@ def _qk_rmsnorm_args(
                 if transpose_scale
                 else torch.empty((m, groups), dtype=torch.float32, device=dev)
             )
-        elif mode == "fp8_token":
+        elif mode is QuantMode.FP8_TOKEN:
             scale = torch.empty((m, 1), dtype=torch.float32, device=dev)
         else:
             scale = torch.empty((1,), dtype=torch.float32, device=dev)
-    return (
-        q, q_weight, q_epsilon, k, k_weight, k_epsilon, k_out, q_residual, res_out, gemma_norm,
-        mode, gs, q_out, "q_out_unquantized", None, quant_t, scale, transpose_scale,
+    return call_args(
+        q=q, q_weight=q_weight, q_epsilon=q_epsilon, k=k, k_weight=k_weight, k_epsilon=k_epsilon, k_out=k_out,
+        q_residual=q_residual, q_res_out=res_out, gemma_norm=gemma_norm, quant_mode=mode.value, group_size=gs,
+        q_out=q_out, q_out_quantized=quant_t, q_out_scale=scale, transpose_scale=transpose_scale,
     )  # fmt: skip
 
 
@@ -400,29 +451,28 @@ def qk_rmsnorm(
     QKNormOutput
         ``(q, q_scale, k, q_unquantized, q_residual_out)``.
     """
-    if quant not in _QUANT_NAMES:
-        raise ValueError(f"quant must be one of {list(_QUANT_NAMES)}, got {quant!r}")
-    mode = _QUANT_NAMES[quant]
+    mode = quant_mode(quant)
     q2 = _rows("q", q)
     lead = tuple(q.shape[:-1])
     k2 = None if k is None else _rows("k", k, lead)
     res2 = None if q_residual is None else _rows("q_residual", q_residual, lead)
-    args = _qk_rmsnorm_args(
+    args = qk_rmsnorm_call(
         q2, q_weight, k2, k_weight, res2, q_epsilon, k_epsilon, gemma_norm, mode, group_size, fp8_dtype,
         transpose_scale, return_unquantized,
     )  # fmt: skip
-    submit(*args)
-    k_out, res_out, q_out, quant_t, scale = args[6], args[8], args[12], args[15], args[16]
+    submit(args, _AS_UNQUANTIZED)
+    k_out, res_out, q_out, quant_t, scale = (args[SLOT[n]] for n in _RESULT_FIELDS)
 
-    q_main = q_out if mode == "none" else quant_t
-    q_unquantized = q_out if mode != "none" else None
+    none = mode is QuantMode.NONE
+    q_main = q_out if none else quant_t
+    q_unquantized = None if none else q_out
     if q2 is not q:  # leading dimensions other than one: give the outputs q's shape back
 
         def shaped(t: torch.Tensor | None, cols: int | None = None) -> torch.Tensor | None:
             return None if t is None else t.reshape(*lead, t.shape[-1] if cols is None else cols)
 
         q_main, q_unquantized, res_out = shaped(q_main), shaped(q_unquantized), shaped(res_out)
-        if scale is not None and mode != "fp8_tensor" and not transpose_scale:
+        if scale is not None and mode is not QuantMode.FP8_TENSOR and not transpose_scale:
             scale = shaped(scale)
         if k_out is not None and k is not None:
             k_out = k_out.reshape(k.shape)

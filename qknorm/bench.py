@@ -426,7 +426,7 @@ def _served_by(c: _Case, wq: torch.Tensor, wk: torch.Tensor, mode: str) -> str:
 
     if mode == "norm":
         req = build_request(q=c.q, q_weight=wq, q_epsilon=EPS, k=c.k, k_weight=wk, k_out=c.k_out,
-                            q_out=c.q_out, q_out_name="q_out_quantized")  # fmt: skip
+                            q_out=c.q_out)  # fmt: skip
     else:
         qmode = {"fp8_group": QuantMode.FP8_GROUP, "fp8_token": QuantMode.FP8_TOKEN, "mxfp4": QuantMode.MXFP4}[mode]
         gs = {"fp8_group": FP8_GROUP, "mxfp4": MXFP4_GROUP}.get(mode)

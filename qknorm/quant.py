@@ -22,6 +22,8 @@ __all__ = [
     "AMAX_FLOOR",
     "is_fp4_dtype",
     "is_e8m0_dtype",
+    "fp8_dtype_for_arch",
+    "native_fp8_dtype",
 ]
 
 
@@ -93,3 +95,28 @@ def is_fp4_dtype(dtype: torch.dtype) -> bool:
 def is_e8m0_dtype(dtype: torch.dtype) -> bool:
     """True for MXFP4 scale tensors: uint8 or ``torch.float8_e8m0fnu`` (when torch has it)."""
     return dtype == torch.uint8 or dtype == getattr(torch, "float8_e8m0fnu", None)
+
+
+# The FP8 flavour each AMD architecture computes natively (and aiter writes: aiter.dtypes.fp8):
+# MI300 (gfx94x) has the fnuz encodings (no negative zero, NaN 0x80, FMAX 240); MI350 (gfx95x)
+# and RDNA4 (gfx12) the OCP e4m3fn one. NVIDIA GPUs (sm_89+) and the CPU use e4m3fn.
+_ARCH_FP8 = (("gfx94", torch.float8_e4m3fnuz), ("gfx95", torch.float8_e4m3fn), ("gfx12", torch.float8_e4m3fn))
+
+
+def fp8_dtype_for_arch(arch: str) -> torch.dtype | None:
+    """The FP8 flavour native to an AMD architecture name (``gcnArchName``), None when unknown."""
+    for prefix, dtype in _ARCH_FP8:
+        if arch.startswith(prefix):
+            return dtype
+    return None
+
+
+def native_fp8_dtype(device: torch.device) -> torch.dtype:
+    """The FP8 flavour native to ``device``: e4m3fnuz on MI300 (gfx94x), e4m3fn elsewhere.
+
+    Queries the device's properties on ROCm (call it on first use, never at import).
+    """
+    if device.type == "cuda" and torch.version.hip is not None:
+        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
+        return fp8_dtype_for_arch(arch) or torch.float8_e4m3fn
+    return torch.float8_e4m3fn

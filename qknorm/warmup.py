@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from .api import _QUANT_NAMES, _qk_rmsnorm_args, qk_rmsnorm
+from .api import qk_rmsnorm, qk_rmsnorm_call, quant_mode
 from .backends.registry import run_request, select
-from .fastpath import build
+from .ops import PIPELINE
+from .quant import QuantMode
 
 __all__ = ["warmup", "WarmupRecord"]
 
@@ -98,8 +99,10 @@ def warmup(
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
     for quant in modes:
-        if quant not in _QUANT_NAMES:
-            raise ValueError(f"modes must hold values of {list(_QUANT_NAMES)}, got {quant!r}")
+        try:
+            quant_mode(quant)
+        except ValueError:
+            raise ValueError(f"modes must hold values of {[None, *(m.value for m in QuantMode)]}, got {quant!r}") from None
     dev = _default_device() if device is None else torch.device(device)
     n2 = 0 if k_width is None else k_width
     width = q_width + n2 if row_stride is None else row_stride
@@ -129,11 +132,11 @@ def warmup(
     for quant in modes:
         # One call at one row selects the backend (probing on first use); ask it for its buckets.
         q, k, res = views(1)
-        args = _qk_rmsnorm_args(
-            q, q_weight, k, k_weight, res, q_epsilon, k_epsilon, gemma_norm, _QUANT_NAMES[quant], group_size,
+        args = qk_rmsnorm_call(
+            q, q_weight, k, k_weight, res, q_epsilon, k_epsilon, gemma_norm, quant_mode(quant), group_size,
             fp8_dtype, transpose_scale, return_unquantized,
         )  # fmt: skip
-        req = build(*args)
+        req = PIPELINE.request(args)
         run_request(req)
         backend = select(req)
         sizes_fn = getattr(backend, "warmup_sizes", None)

@@ -642,7 +642,7 @@ def call_case(case: Case, inp: Inputs) -> Outputs:
     if no_out is not None:
         vals["q_out"] = no_out
         if q_unq is not None:
-            vals["q_out_copy"] = q_unq
+            vals["q_out_unquantized"] = q_unq
     elif q_unq is not None:
         vals["q_out"] = q_unq
     if k_out is not None:
@@ -674,7 +674,7 @@ def compare(case: Case, actual: dict[str, torch.Tensor], expected: dict[str, tor
     """
     if case.m == 0:
         return  # nothing to compare; the sentinel check proved nothing was written
-    for name in ("q_out", "q_out_copy", "k_out"):
+    for name in ("q_out", "q_out_unquantized", "k_out"):
         if name in actual:
             exp = expected["k_out" if name == "k_out" else "q_out"]
             assert actual[name].dtype == exp.dtype, f"{name}: dtype {actual[name].dtype}, expected {exp.dtype}"

@@ -124,14 +124,14 @@ def test_backends_in_a_subprocess_with_a_broken_aiter(tmp_path):
 # ----------------------------------------------------------------------------- demo
 
 
-def test_demo_checks_every_row_against_the_reference(capsys):
+def test_demo_checks_every_row_against_the_reference_and_names_self_comparisons(capsys):
     rc, out, _ = run(capsys, "demo", "--tokens", "1,3", "--iters", "1")
     assert rc == 0
     rows = table_rows(out, "1") + table_rows(out, "3")
     assert [r[1].split()[0] for r in rows] == ["none", "fp8_group", "mxfp4"] * 2
     for r in rows:
-        assert r[2] == "torch" and r[-1] == "ok"
-        assert float(r[3]) == 0.0  # torch is the reference
+        assert r[2] == "torch" and r[-1] == "reference"  # torch is the reference: nothing independent compared
+        assert float(r[3]) == 0.0
         assert float(r[4]) > 0.0  # a time per call
 
 
@@ -165,11 +165,12 @@ def test_demo_exits_1_when_a_result_is_wrong(capsys):
 # ----------------------------------------------------------------------------- check
 
 
-def test_check_passes_the_torch_backend(capsys):
+def test_check_of_the_torch_backend_says_it_is_the_reference(capsys):
     rc, out, _ = run(capsys, "check", "--backend", "torch", "--device", "cpu", "--quick")
     assert rc == 0
     rows = table_rows(out, "torch")
-    assert len(rows) == 7 and all(r[3] == "pass" for r in rows)
+    assert len(rows) == 7 and all(r[3] == "reference" for r in rows)  # torch compared with itself says so
+    assert "torch backend is qknorm.reference itself" in out
     assert "7 passed, 0 failed, 0 skipped" in out
 
 

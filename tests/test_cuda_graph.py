@@ -13,9 +13,9 @@ import torch
 from test_ops import VARIANTS, expected_outputs, make_args, positional
 
 import qknorm
-from qknorm import fastpath
 from qknorm.backends import registry
 from qknorm.checks import build_request
+from qknorm.ops import PIPELINE
 from qknorm.quant import QuantMode
 from qknorm.reference import qk_rmsnorm_reference
 from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
@@ -30,7 +30,7 @@ OP = torch.ops.qknorm.fused_qk_rmsnorm.default
 @pytest.fixture(autouse=True)
 def _fresh():
     torch._dynamo.reset()
-    fastpath.clear_plans()
+    PIPELINE.clear()
     yield
     torch.cuda.synchronize()
     torch._dynamo.reset()

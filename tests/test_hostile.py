@@ -20,6 +20,7 @@ from _cases import DEVICE, Snapshot, all_backends, bits_equal, buffer, require_b
 
 import qknorm
 from qknorm import QuantType
+from qknorm.reference import fp8_quantize, rms_norm_fp32
 from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
 
 M, N1, N2 = 4, 64, 32
@@ -55,9 +56,22 @@ def rejected(kw: dict[str, Any], exc: type[Exception], *fragments: str, entry: C
     snap.assert_unchanged()
 
 
-def test_base_call_is_valid() -> None:
-    kw = _call()
+def accepted(kw: dict[str, Any]) -> None:
+    """The call runs, and every output of the base call holds what the spec's math gives for its inputs."""
     qknorm.fused_qk_rmsnorm(**kw)
+    q_eps, k_eps = float(kw["q_epsilon"]), float(kw["k_epsilon"])
+    x = kw["q"].float() + kw["q_residual"].float()
+    y = rms_norm_fp32(x, kw["q_weight"].detach(), q_eps, False)
+    assert bits_equal(kw["q_res_out"], x.to(F16))
+    assert_norm_close(kw["q_out_unquantized"], y.to(F16), "q_out_unquantized")
+    assert_norm_close(kw["k_out"], rms_norm_fp32(kw["k"].float(), kw["k_weight"].detach(), k_eps, False).to(F16), "k_out")
+    codes, scales = fp8_quantize(y, 32, torch.float8_e4m3fn)
+    assert_fp8_close(kw["q_out_quantized"], codes)
+    assert_scales_close(kw["q_out_scale"], scales)
+
+
+def test_base_call_is_valid() -> None:
+    accepted(_call())
 
 
 # ----------------------------------------------------------------------------- devices
@@ -143,7 +157,7 @@ def test_parameter_weights_are_accepted() -> None:
     kw = _call()
     kw["q_weight"] = torch.nn.Parameter(kw["q_weight"].clone())
     kw["k_weight"] = torch.nn.Parameter(kw["k_weight"].clone())
-    qknorm.fused_qk_rmsnorm(**kw)
+    accepted(kw)
 
 
 def test_output_requiring_grad_is_written_whole_not_partially() -> None:
@@ -189,7 +203,7 @@ def test_bad_epsilons(name: str, value: object, exc: type[Exception]) -> None:
 
 
 def test_numpy_scalar_epsilon_is_accepted() -> None:
-    qknorm.fused_qk_rmsnorm(**_call(q_epsilon=np.float32(1e-6), k_epsilon=np.float64(1e-5)))
+    accepted(_call(q_epsilon=np.float32(1e-6), k_epsilon=np.float64(1e-5)))
 
 
 @pytest.mark.parametrize(("group_size", "exc"), [

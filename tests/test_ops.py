@@ -19,9 +19,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import qknorm
 import qknorm.ops
-from qknorm import QuantType, fastpath
+from qknorm import QuantType
 from qknorm.backends import registry
 from qknorm.checks import build_request
+from qknorm.core.signature import TensorSpec
 from qknorm.quant import QuantMode
 from qknorm.reference import qk_rmsnorm_reference
 
@@ -29,20 +30,21 @@ BF16 = torch.bfloat16
 N1, N2, M = 256, 64, 5
 ARG_NAMES = (
     "q", "q_weight", "q_epsilon", "k", "k_weight", "k_epsilon", "k_out", "q_residual", "q_res_out", "gemma_norm",
-    "quant_mode", "group_size", "q_out", "q_out_name", "q_out_copy", "q_out_quantized", "q_out_scale",
-    "transpose_scale",
+    "quant_mode", "group_size", "q_out", "q_out_quantized", "q_out_scale", "transpose_scale",
 )  # fmt: skip
-OUT_NAMES = ("k_out", "q_res_out", "q_out", "q_out_copy", "q_out_quantized", "q_out_scale")
+OUT_NAMES = ("k_out", "q_res_out", "q_out", "q_out_quantized", "q_out_scale")
 OP = torch.ops.qknorm.fused_qk_rmsnorm.default
+PIPELINE = qknorm.ops.PIPELINE
+AS_UNQUANTIZED = {"q_out": "q_out_unquantized"}  # what the aiter-style entries call q_out
 
 
 @pytest.fixture(autouse=True)
 def _fresh_compile_and_plans():
     torch._dynamo.reset()
-    fastpath.clear_plans()
+    PIPELINE.clear()
     yield
     torch._dynamo.reset()
-    fastpath.clear_plans()
+    PIPELINE.clear()
 
 
 # ----------------------------------------------------------------------------- call builders
@@ -65,7 +67,7 @@ def make_args(variant: str, m: int = M, seed: int = 0, device: str = "cpu") -> d
     a: dict[str, Any] = dict.fromkeys(ARG_NAMES)
     a["latent"] = latent  # not an argument: the buffer q and k are slices of
     a.update(q=q, q_weight=qw, q_epsilon=1e-6, k=k, k_weight=kw, k_epsilon=1e-5, k_out=out(m, N2), gemma_norm=False,
-             quant_mode="none", q_out_name="q_out_unquantized", transpose_scale=False)  # fmt: skip
+             quant_mode="none", transpose_scale=False)  # fmt: skip
     if variant == "none":
         a.update(q_out=out(m, N1))
     elif variant == "none-q-only":
@@ -73,8 +75,6 @@ def make_args(variant: str, m: int = M, seed: int = 0, device: str = "cpu") -> d
     elif variant == "none-residual-gemma":
         res = torch.randn(m, N1, generator=gen).to(BF16).to(device)
         a.update(q_out=out(m, N1), q_residual=res, q_res_out=out(m, N1), gemma_norm=True)
-    elif variant == "none-two-outputs":  # aiter's No mode given q_out_quantized and q_out_unquantized
-        a.update(q_out=out(m, N1), q_out_name="q_out_quantized", q_out_copy=out(m, N1))
     elif variant.startswith("fp8_group"):
         fp8 = torch.float8_e4m3fnuz if variant.endswith("fnuz") else torch.float8_e4m3fn
         a.update(quant_mode="fp8_group", group_size=128, q_out_quantized=torch.zeros(m, N1, dtype=fp8, device=device))
@@ -104,7 +104,7 @@ def make_args(variant: str, m: int = M, seed: int = 0, device: str = "cpu") -> d
 
 
 VARIANTS = (
-    "none", "none-q-only", "none-residual-gemma", "none-two-outputs", "fp8_group", "fp8_group-fnuz",
+    "none", "none-q-only", "none-residual-gemma", "fp8_group", "fp8_group-fnuz",
     "fp8_group-transposed", "fp8_group-transposed-view", "fp8_token", "fp8_tensor", "fp8_tensor-2d", "mxfp4",
     "mxfp4-64", "mxfp4-fp4-dtypes",
 )  # fmt: skip
@@ -122,8 +122,6 @@ def expected_outputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
                                                dtype=a["q_out_scale"].dtype)  # fmt: skip
     req = build_request(**{n: b[n] for n in ARG_NAMES if n != "quant_mode"}, mode=QuantMode(b["quant_mode"]))
     qk_rmsnorm_reference(req)
-    if req.q_out_copy is not None:
-        req.q_out_copy.copy_(req.q_out)  # type: ignore[arg-type]
     return {n: b[n] for n in OUT_NAMES if b[n] is not None}
 
 
@@ -192,7 +190,7 @@ def test_fake_kernel_validates_without_selecting_a_backend(monkeypatch: pytest.M
             warnings.simplefilter("error")  # FakeTensor.data_ptr() warns: the overlap check must not call it
             OP(*positional(fake))
         bad = dict(fake, q_out=torch.empty(M, N1 + 1, dtype=BF16))
-        with pytest.raises(ValueError, match=r"q_out_unquantized must have shape \[5, 256\], got \[5, 257\]"):
+        with pytest.raises(ValueError, match=r"q_out must have shape \[5, 256\], got \[5, 257\]"):
             OP(*positional(bad))
 
 
@@ -469,113 +467,112 @@ def test_compile_reports_a_bad_call_with_qknorms_message() -> None:
         qknorm.fused_qk_rmsnorm(out, None, q, qw, 1e-6)
         return out
 
-    with pytest.raises(Exception, match=r"q_out_quantized must have shape \[4, 256\], got \[4, 257\]"):
+    # Traced calls are validated by the op's fake kernel, which names the op's own fields.
+    with pytest.raises(Exception, match=r"q_out must have shape \[4, 256\], got \[4, 257\]"):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(_latent(4))
 
 
-# ----------------------------------------------------------------------------- eager fast path
+# ----------------------------------------------------------------------------- eager pipeline
+
+
+def run(a: dict[str, Any]) -> None:
+    """One eager call of the op's argument list, as the aiter-style entries make it."""
+    qknorm.ops.submit(positional(a), AS_UNQUANTIZED)
+
+
+@pytest.fixture
+def planner_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Records every call of the planner (what validation sees of each call)."""
+    calls: list[dict[str, Any]] = []
+    original = PIPELINE.planner
+    monkeypatch.setattr(PIPELINE, "planner", lambda fields, display: calls.append(fields) or original(fields, display))
+    return calls
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_second_call_reuses_the_plan_and_matches_reference(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_call_reuses_the_plan_and_matches_reference(variant: str, planner_calls: list[Any]) -> None:
     first = make_args(variant, seed=1)
     want = expected_outputs(first)
-    fastpath.execute(*positional(first))
+    run(first)
     assert_outputs(first, want)
-    assert fastpath.plan_count() == 1
+    assert len(PIPELINE) == 1 and len(planner_calls) == 1
 
-    calls: list[object] = []
-    monkeypatch.setattr(fastpath, "build_request", lambda **kw: calls.append(kw) or build_request(**kw))
     second = make_args(variant, seed=2)
     want = expected_outputs(second)
-    fastpath.execute(*positional(second))
-    assert calls == [], "a call with a known signature was validated again"
+    run(second)
+    assert len(planner_calls) == 1, "a call with a known signature was validated again"
     assert_outputs(second, want)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_planned_request_equals_validated_request(variant: str) -> None:
-    a = make_args(variant)
-    fastpath.build(*positional(a))  # makes the plan
-    planned = fastpath.build(*positional(a))
-    direct = build_request(**{n: a[n] for n in ARG_NAMES if n != "quant_mode"}, mode=QuantMode(a["quant_mode"]))
-    assert type(planned) is not type(direct), "the second build came from the plan"
-    assert planned.key() == direct.key()
-    for name in direct.__dataclass_fields__:
-        x, y = getattr(planned, name), getattr(direct, name)
-        if isinstance(y, torch.Tensor):
-            assert (x.data_ptr(), x.shape, x.stride(), x.dtype) == (y.data_ptr(), y.shape, y.stride(), y.dtype), name
-        else:
-            assert x == y and type(x) is type(y), name
+def test_the_planner_sees_only_the_signature(variant: str, planner_calls: list[dict[str, Any]]) -> None:
+    """Validation reads tensors as TensorSpec (class, dtype, device, layout, shape, strides): no
+    data and no address, so caching its verdict per signature cannot change a verdict."""
+    run(make_args(variant))
+    (fields,) = planner_calls
+    assert not any(isinstance(v, torch.Tensor) for v in fields.values())
+    assert any(isinstance(v, TensorSpec) for v in fields.values())
 
 
 def test_overlap_is_checked_on_every_call_not_only_the_first() -> None:
     a = make_args("none")
-    fastpath.execute(*positional(a))  # plan made with disjoint outputs
-    # q_out as a slice of the latent q lives in: q's layout, shifted half a row into q's columns.
+    run(a)  # plan made with disjoint outputs
     overlapping = torch.empty(M, N1, dtype=BF16)  # a's q_out layout is contiguous: rebuild that
     b = dict(a, q_out=overlapping)
-    fastpath.execute(*positional(b))  # still disjoint: fine
+    run(b)  # still disjoint: fine
     shifted = a["latent"].reshape(-1)[N1 // 2 : N1 // 2 + M * N1].view(M, N1)  # contiguous, overlaps q
     assert shifted.stride() == overlapping.stride()
     b = dict(a, q_out=shifted)
     with pytest.raises(ValueError, match="q_out_unquantized must not overlap input q"):
-        fastpath.execute(*positional(b))
+        run(b)
 
 
 def test_outputs_overlapping_each_other_are_rejected_after_a_plan() -> None:
     a = make_args("none")
-    fastpath.execute(*positional(a))
+    run(a)
     flat = torch.empty(M * N1 + M * N2, dtype=BF16)
     b = dict(a, q_out=flat[: M * N1].view(M, N1), k_out=flat[8 : 8 + M * N2].view(M, N2))  # planned layouts
     with pytest.raises(ValueError, match="must not overlap"):
-        fastpath.execute(*positional(b))
+        run(b)
 
 
-def test_in_place_forms_stay_fast_and_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_place_forms_need_no_new_plan_and_are_correct(planner_calls: list[Any]) -> None:
     def in_place(seed: int) -> dict[str, Any]:
         a = make_args("none", seed=seed)
         q, k = a["q"].clone(), a["k"].clone()
         return dict(a, q=q, k=k, q_out=q, k_out=k)
 
-    first = in_place(1)
-    fastpath.execute(*positional(first))
-    calls: list[object] = []
-    monkeypatch.setattr(fastpath, "build_request", lambda **kw: calls.append(kw) or build_request(**kw))
+    run(in_place(1))
     second = in_place(2)
     want = expected_outputs(dict(second, q=second["q"].clone(), k=second["k"].clone()))
-    fastpath.execute(*positional(second))
-    assert calls == [], "the supported same-view in-place forms need no full re-validation"
+    run(second)
+    assert len(planner_calls) == 1, "the supported same-view in-place forms need no new plan"
     assert_bitwise(second["q"], want["q_out"], "q (in place)")
     assert_bitwise(second["k"], want["k_out"], "k (in place)")
 
 
-def test_interleaved_views_of_one_buffer_stay_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression: k_out is k (in place in the latent, beside q) and q_out/k_out as column slices of
-    one output buffer have intersecting byte spans, so every call used to be re-validated in full."""
+def test_interleaved_views_of_one_buffer_get_the_exact_overlap_answer(planner_calls: list[Any]) -> None:
+    """k_out is k (in place in the latent, beside q) and q_out a column slice of one output buffer:
+    byte spans intersect, so the exact row-by-row check decides, per relative offset."""
 
     def interleaved(seed: int) -> dict[str, Any]:
         a = make_args("none", seed=seed)
         out = torch.full((M, N1 + N2 + 16), float("nan"), dtype=BF16)
         return dict(a, k_out=a["k"], q_out=out[:, :N1])
 
-    first = interleaved(1)
-    fastpath.execute(*positional(first))
-    calls: list[object] = []
-    monkeypatch.setattr(fastpath, "build_request", lambda **kw: calls.append(kw) or build_request(**kw))
+    run(interleaved(1))
     second = interleaved(2)
     want = expected_outputs(dict(second, k=second["k"].clone()))
-    fastpath.execute(*positional(second))
-    assert calls == [], "a call laid out like the validated one was validated again"
+    run(second)
     assert_bitwise(second["k"], want["k_out"], "k (in place)")
     assert_bitwise(second["q_out"], want["q_out"], "q_out")
-    # Same signature, but q_out now slides onto k's columns of the latent: the exact check runs and rejects it.
+    # Same signature, but q_out now slides onto k's columns of the latent: the exact check rejects it.
     third = interleaved(3)
     shifted = third["latent"][:, 8 : 8 + N1]
     assert shifted.stride() == third["q_out"].stride()
     with pytest.raises(ValueError, match="k_out and q_out_unquantized must not overlap"):
-        fastpath.execute(*positional(dict(third, q_out=shifted)))
-    assert len(calls) == 1
+        run(dict(third, q_out=shifted))
+    assert len(planner_calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -589,32 +586,32 @@ def test_interleaved_views_of_one_buffer_stay_fast(monkeypatch: pytest.MonkeyPat
 def test_scalars_of_another_type_are_validated_even_when_equal(name: str, valid: object, invalid: object,
                                                                error: type[Exception]) -> None:  # fmt: skip
     a = dict(make_args("none"), **{name: valid})
-    fastpath.execute(*positional(a))
+    run(a)
     with pytest.raises(error, match=name):
-        fastpath.execute(*positional(dict(a, **{name: invalid})))
+        run(dict(a, **{name: invalid}))
 
 
 def test_non_tensor_arguments_still_raise_type_error() -> None:
     a = make_args("none")
-    fastpath.execute(*positional(a))
+    run(a)
     with pytest.raises(TypeError, match=r"q_weight must be a torch\.Tensor, got list"):
-        fastpath.execute(*positional(dict(a, q_weight=[1.0] * N1)))
+        run(dict(a, q_weight=[1.0] * N1))
 
 
 def test_plans_survive_a_registry_reset() -> None:
     a = make_args("fp8_token")
-    fastpath.execute(*positional(a))
+    run(a)
     registry.reset()  # plans hold no backend: selection happens again in run_request
     b = make_args("fp8_token", seed=3)
     want = expected_outputs(b)
-    fastpath.execute(*positional(b))
+    run(b)
     assert_outputs(b, want)
 
 
 def test_m_zero_is_a_no_op_on_both_paths() -> None:
     for _ in range(2):
         a = make_args("fp8_group", m=0)
-        fastpath.execute(*positional(a))
+        run(a)
         assert a["q_out_quantized"].shape == (0, N1)
 
 

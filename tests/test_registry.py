@@ -404,7 +404,8 @@ def test_no_probe_during_cuda_graph_capture(register, env, monkeypatch):
     alt = register(FakeBackend("alt"))
     env("alt")
     base = make_request()
-    req = _CudaRequest(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    req = _CudaRequest(base.plan, base.q, base.q_weight, base.k, base.k_weight, base.q_residual, base.q_out,
+                       base.q_quant, base.q_scale, base.k_out, base.q_res_out)  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(registry.BackendError, match="CUDA-graph capture"):
         registry.select(req)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
-from ..request import QKNormRequest
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Backend", "BackendUnavailable"]
 
@@ -20,18 +18,19 @@ class BackendUnavailable(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """One implementation of SPEC §4.
+    """One implementation of one operator (registered for it in :mod:`qknorm.backends.registry`).
 
     ``available()`` is static for the process (library importable, platform, signature): it
     is probed on first use, cached, and returns ``(ok, reason)``. ``supports(req)`` returns
     ``None`` when this backend can serve the request, else a human-readable reason; it must
-    depend only on what :meth:`QKNormRequest.key` captures. ``run(req)`` writes the outputs.
+    depend only on what ``req.key()`` captures. ``run(req)`` writes the outputs. ``req`` is the
+    operator's request type (:class:`qknorm.request.QKNormRequest` for the fused Q/K RMSNorm).
     """
 
     name: str
 
     def available(self) -> tuple[bool, str]: ...
 
-    def supports(self, req: QKNormRequest) -> str | None: ...
+    def supports(self, req: Any) -> str | None: ...
 
-    def run(self, req: QKNormRequest) -> None: ...
+    def run(self, req: Any) -> None: ...

@@ -1,8 +1,10 @@
-"""Backend registry and selection: one policy, in one place.
+"""Backend registry and selection: one policy, in one place, for every operator.
 
-The priority list (default: ``aiter`` on ROCm devices, ``triton`` on GPUs, ``torch``
+Each operator (``fused_qk_rmsnorm``, ...) has its own backends, registered by name (``aiter``,
+``triton``, ``torch``) as factories; a request names its operator (``req.op``) and selection
+walks that operator's backends. The priority list (default: ``aiter`` on ROCm devices, ``triton`` on GPUs, ``torch``
 everywhere; or ``QKNORM_BACKEND=name[,name...]``) is walked once per request key
-(:meth:`QKNormRequest.key`). A backend is skipped when the policy excludes it for the device
+(``req.key()``). A backend is skipped when the policy excludes it for the device
 (default list only), when it is unavailable (``available()``, probed once per process and
 cached) or when it does not support the request (``supports(req)``); each skip is logged at
 DEBUG, the choice is cached and logged once at INFO.
@@ -37,11 +39,10 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..quant import QuantMode
-from ..request import QKNormRequest
 from .base import Backend, BackendUnavailable
 
 __all__ = [
@@ -66,6 +67,10 @@ __all__ = [
     "mark_unavailable",
     "default_policy",
     "set_policy",
+    "DEFAULT_OP",
+    "REFERENCE_BACKEND",
+    "register_operator",
+    "operators",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +78,15 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "QKNORM_BACKEND"
 # The default priority, best first.
 BACKEND_NAMES = ("aiter", "triton", "torch")
+# The backend that is qknorm.reference itself: its numbers are the oracle's, so comparing them
+# with the reference checks nothing (tests, `python -m qknorm check` and `demo` say so).
+REFERENCE_BACKEND = "torch"
+# The operator the name-based functions (register_backend, get_backend, probe, ...) speak of by default.
+DEFAULT_OP = "fused_qk_rmsnorm"
+
+# A request as selection sees it: ``op``, ``key()`` (everything selection depends on, the
+# operator first), ``device`` and ``describe()`` (for messages).
+Request = Any
 
 # Which backends the default priority considers on a device: None when eligible, else why not.
 Policy = Callable[[str, torch.device], "str | None"]
@@ -120,54 +134,78 @@ def default_policy(name: str, device: torch.device) -> str | None:
     return None
 
 
-def _torch_factory() -> Backend:
-    from .torch_backend import TorchBackend
+def lazy(module: str, cls: str) -> Callable[[], Backend]:
+    """A factory importing ``module`` (relative to :mod:`qknorm`) and instantiating ``cls`` on first use."""
 
-    return TorchBackend()
+    def factory() -> Backend:
+        import importlib
+
+        return getattr(importlib.import_module(module, "qknorm"), cls)()  # type: ignore[no-any-return]
+
+    return factory
 
 
-def _triton_factory() -> Backend:
-    from .triton_backend import TritonBackend
+# Operator -> backend name -> factory. Nothing is imported until a backend is first asked for.
+_FACTORIES: dict[str, dict[str, Callable[[], Backend]]] = {
+    DEFAULT_OP: {
+        "aiter": lazy(".backends.aiter_backend", "AiterBackend"),
+        "triton": lazy(".backends.triton_backend", "TritonBackend"),
+        "torch": lazy(".backends.torch_backend", "TorchBackend"),
+    },
+}
 
-    return TritonBackend()  # type: ignore[return-value]
-
-
-def _aiter_factory() -> Backend:
-    from .aiter_backend import AiterBackend
-
-    return AiterBackend()
+_Name = tuple[str, str]  # (operator, backend name)
 
 
 @dataclass
 class _State:
-    factories: dict[str, Callable[[], Backend]]
+    factories: dict[str, dict[str, Callable[[], Backend]]]
     policy: Policy
-    instances: dict[str, Backend] = field(default_factory=dict)
-    availability: dict[str, tuple[bool, str]] = field(default_factory=dict)
-    broken: set[str] = field(default_factory=set)  # probe raised / first-use failure: warn on fallback
-    warned: set[str] = field(default_factory=set)
+    instances: dict[_Name, Backend] = field(default_factory=dict)
+    availability: dict[_Name, tuple[bool, str]] = field(default_factory=dict)
+    broken: set[_Name] = field(default_factory=set)  # probe raised / first-use failure: warn on fallback
+    warned: set[_Name] = field(default_factory=set)
     choices: dict[tuple[object, ...], Backend] = field(default_factory=dict)
     env: tuple[tuple[str, ...], bool] | None = None  # (priority names, explicit?) once read
 
 
 _lock = threading.RLock()
-_state = _State(
-    factories={"aiter": _aiter_factory, "triton": _triton_factory, "torch": _torch_factory},
-    policy=default_policy,
-)
+_state = _State(factories={op: dict(f) for op, f in _FACTORIES.items()}, policy=default_policy)
 
 
-def register_backend(name: str, factory: Callable[[], Backend] | None) -> Callable[[], Backend] | None:
-    """Replace, add (or with ``None`` remove) the factory of backend ``name``; resets the caches.
+def register_operator(op: str, factories: dict[str, Callable[[], Backend]]) -> None:
+    """Declare operator ``op`` and its backends (name -> factory); resets the caches."""
+    with _lock:
+        _state.factories[op] = dict(factories)
+        _reset_locked()
+
+
+def operators() -> tuple[str, ...]:
+    """Every registered operator."""
+    return tuple(_state.factories)
+
+
+def _factories(op: str) -> dict[str, Callable[[], Backend]]:
+    try:
+        return _state.factories[op]
+    except KeyError:
+        raise BackendNameError(f"unknown operator {op!r}; registered: {', '.join(_state.factories)}") from None
+
+
+def register_backend(
+    name: str, factory: Callable[[], Backend] | None, op: str = DEFAULT_OP
+) -> Callable[[], Backend] | None:
+    """Replace, add (or with ``None`` remove) the factory of backend ``name`` of ``op``; resets the caches.
 
     Returns the previous factory (None if there was none), so tests can restore it.
     """
     with _lock:
-        previous = _state.factories.get(name)
+        factories = _factories(op)
+        previous = factories.get(name)
         if factory is None:
-            _state.factories.pop(name, None)
+            factories.pop(name, None)
         else:
-            _state.factories[name] = factory
+            factories[name] = factory
         _reset_locked()
         return previous
 
@@ -185,25 +223,29 @@ def set_policy(policy: Policy | None) -> Policy:
         return previous
 
 
-def backend_names() -> tuple[str, ...]:
-    """Every registered backend name."""
-    return tuple(_state.factories)
+def backend_names(op: str = DEFAULT_OP) -> tuple[str, ...]:
+    """Every registered backend name of ``op``."""
+    return tuple(_factories(op))
+
+
+def _all_names() -> list[str]:
+    return list(dict.fromkeys(n for f in _state.factories.values() for n in f))
 
 
 def _valid_names() -> str:
-    return ", ".join(_state.factories)
+    return ", ".join(_all_names())
 
 
 def _read_env() -> tuple[tuple[str, ...], bool]:
     if _state.env is None:
         raw = os.environ.get(ENV_VAR, "").strip()
         if not raw:
-            _state.env = (tuple(n for n in BACKEND_NAMES if n in _state.factories), False)
+            _state.env = (tuple(n for n in BACKEND_NAMES if n in _all_names()), False)
         else:
             names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
             if not names:
                 raise BackendNameError(f"{ENV_VAR}={raw!r} names no backend; valid names: {_valid_names()}")
-            unknown = [n for n in names if n not in _state.factories]
+            unknown = [n for n in names if n not in _all_names()]
             if unknown:
                 raise BackendNameError(
                     f"{ENV_VAR}={raw!r} names unknown backend(s) {', '.join(unknown)}; valid names: {_valid_names()}"
@@ -218,20 +260,23 @@ def priority() -> tuple[tuple[str, ...], bool]:
         return _read_env()
 
 
-def get_backend(name: str) -> Backend:
-    """The (lazily constructed) backend instance called ``name``; raises if its module fails to load."""
+def get_backend(name: str, op: str = DEFAULT_OP) -> Backend:
+    """The (lazily constructed) backend ``name`` of ``op``; raises if its module fails to load."""
     with _lock:
-        if name not in _state.factories:
-            raise BackendNameError(f"unknown backend {name!r}; valid names: {_valid_names()}")
-        inst = _state.instances.get(name)
+        factories = _factories(op)
+        if name not in factories:
+            raise BackendNameError(f"unknown backend {name!r} for {op}; valid names: {', '.join(factories)}")
+        inst = _state.instances.get((op, name))
         if inst is None:
-            inst = _state.factories[name]()
-            _state.instances[name] = inst
+            inst = factories[name]()
+            _state.instances[(op, name)] = inst
         return inst
 
 
-def _probe_locked(name: str) -> tuple[bool, str]:
-    cached = _state.availability.get(name)
+def _probe_locked(op: str, name: str) -> tuple[bool, str]:
+    if name not in _factories(op):
+        return False, f"no {name} backend is registered for {op}"
+    cached = _state.availability.get((op, name))
     if cached is not None:
         return cached
     if _is_compiling():
@@ -240,33 +285,33 @@ def _probe_locked(name: str) -> tuple[bool, str]:
             "eagerly before compiling (or call it through the torch.ops.qknorm custom ops)"
         )
     try:
-        result = get_backend(name).available()
+        result = get_backend(name, op).available()
     except BackendUnavailable as exc:  # the backend's own word for "installed but broken"
         result = (False, str(exc))
-        _state.broken.add(name)
+        _state.broken.add((op, name))
     except Exception as exc:  # a probe must never escape: any failure means "unavailable"
         result = (False, f"probe raised {type(exc).__name__}: {exc}")
-        _state.broken.add(name)
-    _state.availability[name] = result
+        _state.broken.add((op, name))
+    _state.availability[(op, name)] = result
     if not result[0]:
-        logger.debug("qknorm backend %s unavailable: %s", name, result[1])
+        logger.debug("qknorm backend %s of %s unavailable: %s", name, op, result[1])
     return result
 
 
-def probe(name: str) -> tuple[bool, str]:
-    """``available()`` of backend ``name``, cached; a probe that raises marks it unavailable."""
+def probe(name: str, op: str = DEFAULT_OP) -> tuple[bool, str]:
+    """``available()`` of backend ``name`` of ``op``, cached; a probe that raises marks it unavailable."""
     with _lock:
-        if name not in _state.factories:
-            raise BackendNameError(f"unknown backend {name!r}; valid names: {_valid_names()}")
-        return _probe_locked(name)
+        if name not in _factories(op):
+            raise BackendNameError(f"unknown backend {name!r} for {op}; valid names: {', '.join(_factories(op))}")
+        return _probe_locked(op, name)
 
 
-def mark_unavailable(name: str, reason: str) -> None:
-    """Mark a backend broken for the rest of the process (first-use build failures)."""
+def mark_unavailable(name: str, reason: str, op: str = DEFAULT_OP) -> None:
+    """Mark a backend of ``op`` broken for the rest of the process (first-use build failures)."""
     with _lock:
-        _state.availability[name] = (False, reason)
-        _state.broken.add(name)
-        _state.choices = {k: b for k, b in _state.choices.items() if b.name != name}
+        _state.availability[(op, name)] = (False, reason)
+        _state.broken.add((op, name))
+        _state.choices = {k: b for k, b in _state.choices.items() if not (k[0] == op and b.name == name)}
 
 
 def _is_compiling() -> bool:
@@ -274,7 +319,7 @@ def _is_compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
-def _guard_first_use(req: QKNormRequest) -> None:
+def _guard_first_use(req: Request) -> None:
     """Selection probes libraries and may import or build them: never inside capture or tracing."""
     if _is_compiling():
         raise BackendError(
@@ -289,37 +334,38 @@ def _guard_first_use(req: QKNormRequest) -> None:
         )
 
 
-def _supports(name: str, backend: Backend, req: QKNormRequest) -> str | None:
+def _supports(op: str, name: str, backend: Backend, req: Request) -> str | None:
     try:
         return backend.supports(req)
     except Exception as exc:  # a capability check that crashes is a broken backend, not a crash for the caller
-        _state.broken.add(name)
+        _state.broken.add((op, name))
         return f"supports() raised {type(exc).__name__}: {exc}"
 
 
-def _walk(req: QKNormRequest) -> Decision:
+def _walk(req: Request) -> Decision:
     names, explicit = _read_env()
+    op = req.op
     skipped: list[tuple[str, str]] = []
     for name in names:
         why = None if explicit else _state.policy(name, req.device)
         if why is None:
-            ok, reason = _probe_locked(name)
+            ok, reason = _probe_locked(op, name)
             why = None if ok else reason
         if why is None:
-            why = _supports(name, get_backend(name), req)
+            why = _supports(op, name, get_backend(name, op), req)
         if why is None:
             return Decision(name, tuple(skipped), names, explicit)
         skipped.append((name, why))
     return Decision(None, tuple(skipped), names, explicit)
 
 
-def _no_backend_message(req: QKNormRequest, decision: Decision) -> str:
+def _no_backend_message(req: Request, decision: Decision) -> str:
     how = f"{ENV_VAR}={','.join(decision.names)}" if decision.explicit else "the default priority"
     reasons = "; ".join(f"{name}: {why}" for name, why in decision.skipped)
     return f"no qknorm backend in {how} can serve {_describe(req)}: {reasons}"
 
 
-def select(req: QKNormRequest) -> Backend:
+def select(req: Request) -> Backend:
     """The backend serving ``req``: cached per request key, decided once under the lock.
 
     Raises :class:`BackendError` when no backend of the priority list can serve ``req`` (the
@@ -340,12 +386,12 @@ def select(req: QKNormRequest) -> Backend:
             logger.debug("qknorm: skipping backend %s for %s: %s", name, _describe(req), why)
         if decision.backend is None:
             raise BackendError(_no_backend_message(req, decision))
-        backend = get_backend(decision.backend)
+        backend = get_backend(decision.backend, req.op)
         _state.choices[key] = backend
         logger.info("qknorm: using backend %s for %s", backend.name, _describe(req))
         for name, why in decision.skipped:
-            if name in _state.broken and name not in _state.warned:
-                _state.warned.add(name)
+            if (req.op, name) in _state.broken and (req.op, name) not in _state.warned:
+                _state.warned.add((req.op, name))
                 warnings.warn(
                     f"qknorm backend {name} is unavailable ({why}); using {backend.name} instead",
                     BackendFallbackWarning,
@@ -354,7 +400,7 @@ def select(req: QKNormRequest) -> Backend:
         return backend
 
 
-def explain(req: QKNormRequest) -> Decision:
+def explain(req: Request) -> Decision:
     """Walk the priority list for ``req`` without caching or logging (probes on first use).
 
     For tools such as ``python -m qknorm backends``: which backend would serve ``req`` and why
@@ -365,28 +411,28 @@ def explain(req: QKNormRequest) -> Decision:
         return _walk(req)
 
 
-def describe() -> list[BackendInfo]:
-    """Every registered backend: available or not and why, and what it bound to.
+def describe(op: str = DEFAULT_OP) -> list[BackendInfo]:
+    """Every registered backend of ``op``: available or not and why, and what it bound to.
 
     Probes every backend (first use); a backend whose module fails to load is reported, never raised.
     """
     infos = []
     with _lock:
-        for name in _state.factories:
-            ok, reason = _probe_locked(name)
+        for name in _factories(op):
+            ok, reason = _probe_locked(op, name)
             details: dict[str, str] = {}
-            inst = _state.instances.get(name)
+            inst = _state.instances.get((op, name))
             describe_fn = getattr(inst, "describe", None)
             if callable(describe_fn):
                 try:
                     details = {str(k): str(v) for k, v in dict(describe_fn()).items()}
                 except Exception as exc:
                     details = {"describe() raised": f"{type(exc).__name__}: {exc}"}
-            infos.append(BackendInfo(name, ok, reason, name in _state.broken, details))
+            infos.append(BackendInfo(name, ok, reason, (op, name) in _state.broken, details))
     return infos
 
 
-def run_request(req: QKNormRequest) -> str:
+def run_request(req: Request) -> str:
     """Run a validated request on its backend; returns the backend name (``"none"`` for m = 0).
 
     A backend's exception propagates (numerics must not depend on history), except a
@@ -401,26 +447,18 @@ def run_request(req: QKNormRequest) -> str:
         try:
             backend.run(req)
         except BackendUnavailable as exc:
-            mark_unavailable(backend.name, f"failed on first use: {exc}")
+            mark_unavailable(backend.name, f"failed on first use: {exc}", req.op)
             try:
                 backend = select(req)
             except BackendError as err:
                 raise BackendError(str(err)) from exc
             continue
         break
-    if req.q_out_copy is not None:
-        req.q_out_copy.copy_(req.q_out)  # type: ignore[arg-type]
     return backend.name
 
 
-def _describe(req: QKNormRequest) -> str:
-    k = f", k [*, {req.n2}]" if req.has_k else ""
-    extras = [s for s, on in (("residual", req.q_residual is not None), ("gemma", req.gemma)) if on]
-    quant = req.mode.value if req.quant_dtype is None else f"{req.mode.value} ({req.quant_dtype})"
-    if req.mode in (QuantMode.FP8_GROUP, QuantMode.MXFP4):
-        quant += f" group {req.group_size}" + (" transposed scales" if req.transpose_scale else "")
-    more = f" with {' and '.join(extras)}" if extras else ""
-    return f"q [*, {req.n1}]{k} {req.dtype} on {req.device}{more}, quant {quant}"
+def _describe(req: Request) -> str:
+    return str(req.describe())
 
 
 def _reset_locked() -> None:
