@@ -16,7 +16,6 @@ import torch
 
 import qknorm
 from qknorm.rope.checks import RopeRequest, plan_call
-from qknorm.rope.pipeline import native_fp8
 from qknorm.rope.reference import qk_norm_rope_reference
 from qknorm.rope.testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, pair_magnitude
 from qknorm.testing import backend_override
@@ -145,7 +144,7 @@ def reference_request(call: dict[str, Any]) -> RopeRequest:
     """The reference's request over clones of ``call``'s tensors (outputs allocated as the entry does)."""
     c = {n: _clone(x) for n, x in call.items()}
     plan = plan_call(c.pop("q"), c.pop("k"), c.pop("q_weight"), c.pop("k_weight"), c.pop("cos_sin_cache"),
-                     c.pop("positions"), fp8_native=native_fp8, **c)  # fmt: skip
+                     c.pop("positions"), **c)  # fmt: skip
     c = {n: _clone(x) for n, x in call.items()}
     if c.get("q_out") is None or c.get("q_out") is call["q"]:
         c["q_out"] = torch.empty((plan.t, plan.hq, plan.d), dtype=plan.q_out_dtype, device=plan.device)
@@ -153,7 +152,7 @@ def reference_request(call: dict[str, Any]) -> RopeRequest:
         c["k_out"] = torch.empty((plan.t, plan.hk, plan.d), dtype=plan.dtype, device=plan.device)
     names = ("q", "k", "q_weight", "k_weight", "cos_sin_cache", "positions", "q_out", "k_out", "v", "k_cache",
              "v_cache", "slot_mapping", "k_scale", "v_scale", "q_scale")  # fmt: skip
-    return RopeRequest(plan=plan, **{n: c.get(n) for n in names})
+    return RopeRequest(plan, *(c.get(n) for n in names[:6]), c["q_out"], c.get("k_out"), *(c.get(n) for n in names[8:]))
 
 
 def written_slots(req: RopeRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,8 +15,9 @@ import torch
 from _rope_cases import RopeCase, make_call, reference_request, run_case, written_slots
 
 import qknorm
+from qknorm.backends import registry
 from qknorm.backends.registry import BackendError
-from qknorm.rope import backends, pipeline
+from qknorm.rope.ops import PIPELINE
 from qknorm.rope.reference import qk_norm_rope_reference
 from qknorm.rope.testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, pair_magnitude
 from qknorm.testing import backend_override
@@ -56,8 +57,7 @@ def test_real_shapes_match_reference(case: RopeCase) -> None:
 
 def test_default_backend_on_cuda_is_triton() -> None:
     call = make_call(RopeCase(cache=BF16))
-    plan = reference_request(call).plan
-    assert backends.select(plan).name == "triton"
+    assert registry.select(reference_request(call)).name == "triton"
 
 
 def test_deterministic_across_calls() -> None:
@@ -100,8 +100,8 @@ def test_cuda_graph_after_warmup_and_new_scales_on_replay() -> None:
 
 
 def test_capture_of_an_unwarmed_shape_raises_instead_of_corrupting() -> None:
-    backends.reset()
-    pipeline.clear_plans()
+    registry.reset()
+    PIPELINE.clear()
     call, _ = _graph_call(5)
     call["q"] = call["q"][:, :31]  # a head count never seen before
     call["q_out"] = call["q_out"][:, :31]

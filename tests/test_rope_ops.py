@@ -14,8 +14,8 @@ import torch
 from _rope_cases import DEVICE, RopeCase, cos_sin_table, make_call
 
 import qknorm
-from qknorm.rope import backends, pipeline
-from qknorm.rope.ops import MUTATED
+from qknorm.backends import registry
+from qknorm.rope.ops import FIELDS, MUTATED, PIPELINE, call_args
 
 OP = torch.ops.qknorm.qk_norm_rope.default
 BF16 = torch.bfloat16
@@ -25,24 +25,23 @@ HQ, HK, D, BS, NB = 4, 2, 16, 4, 8
 @pytest.fixture(autouse=True)
 def _fresh() -> Any:
     torch._dynamo.reset()
-    pipeline.clear_plans()
-    backends.reset()
+    PIPELINE.clear()
     yield
     torch._dynamo.reset()
 
 
 def op_args(call: dict[str, Any]) -> tuple[Any, ...]:
     """``call`` as the op's argument list, outputs allocated as the entry does."""
+    args = call_args(**call)
+    plan = PIPELINE.plan(args)
     c = dict(call)
-    plan = pipeline.plan_for(tuple(c.get(n, _DEFAULTS.get(n)) for n in pipeline.ARG_NAMES))
-    if c.get("q_out") is None:
-        c["q_out"] = torch.empty((plan.t, plan.hq, plan.d), dtype=plan.q_out_dtype, device=plan.device)
-    if plan.alloc_k_out:
-        c["k_out"] = torch.empty((plan.t, plan.hk, plan.d), dtype=plan.dtype, device=plan.device)
-    return tuple(c.get(n, _DEFAULTS.get(n)) for n in pipeline.ARG_NAMES)
+    if plan.alloc_q_out:  # type: ignore[attr-defined]
+        c["q_out"] = torch.empty((plan.t, plan.hq, plan.d), dtype=plan.q_out_dtype, device=plan.device)  # type: ignore[attr-defined]
+    if plan.alloc_k_out:  # type: ignore[attr-defined]
+        c["k_out"] = torch.empty((plan.t, plan.hk, plan.d), dtype=plan.dtype, device=plan.device)  # type: ignore[attr-defined]
+    return call_args(**c)
 
 
-_DEFAULTS: dict[str, Any] = dict(q_epsilon=1e-6, k_epsilon=None, is_neox=True, gemma_norm=False, check_indices=False)
 VARIANTS = {
     "norm-rope": RopeCase(),
     "bf16-cache": RopeCase(cache=BF16),
@@ -71,7 +70,7 @@ def test_schema_declares_every_written_tensor_mutable_and_nothing_else() -> None
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_op_writes_exactly_its_declared_outputs(variant: str) -> None:
     args = op_args(make_call(VARIANTS[variant]))
-    names = pipeline.ARG_NAMES
+    names = FIELDS
     before = {n: a.clone() for n, a in zip(names, args) if isinstance(a, torch.Tensor)}
     OP(*args)
     changed = {n for n, a in zip(names, args) if isinstance(a, torch.Tensor) and not torch.equal(
@@ -130,13 +129,13 @@ def test_compile_fullgraph_matches_eager(dynamic: bool, compiler: str) -> None:
 def test_backend_selection_never_runs_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The op is opaque to Dynamo: selection happens when the compiled graph runs, not while tracing."""
     calls: list[bool] = []
-    real = backends.select
+    real = registry.select
 
-    def spy(plan: Any) -> Any:
+    def spy(req: Any) -> Any:
         calls.append(torch.compiler.is_compiling())
-        return real(plan)
+        return real(req)
 
-    monkeypatch.setattr(backends, "select", spy)
+    monkeypatch.setattr(registry, "select", spy)
     table = cos_sin_table(64, D, torch.float32, DEVICE)
     qw = kw = torch.ones(D, dtype=BF16)
     torch.compile(_layer, backend="aot_eager", fullgraph=True)(*_inputs(4, 0), table, qw, kw)

@@ -24,22 +24,28 @@ _MAX_VERDICTS = 256
 
 
 def _window(t: TensorSpec, start: int) -> tuple[int, int, int, int]:
-    """Byte window of a 1-D/2-D tensor as (start, rows, row stride, row width), all in bytes."""
+    """Byte window of a tensor as (start, rows, row stride, row width), all in bytes.
+
+    The rows are the dimension of largest stride; a row's window spans all the other
+    dimensions. When windows of consecutive rows would overlap, the whole span is one row.
+    For 2-D views this is the row-major (or column-major) reading; for N-D it makes q/k/v
+    views of one packed ``[T, H * D]`` buffer and k/v views of one ``[blocks, 2, ...]`` cache
+    allocation exact as well.
+    """
     es = t.element_size()
-    if t.dim() == 1:
-        return start, 1, 0, (t.shape[0] - 1) * t.strides[0] * es + es if t.shape[0] > 0 else 0
-    if t.dim() != 2:
-        return start, 1, 0, t.extent()
-    (a, b), (sa, sb) = t.shape, t.strides
-    if b == 1 or sb == 1:
-        return start, a, sa * es, ((b - 1) * sb + 1) * es
-    if a == 1 or sa == 1:
-        return start, b, sb * es, ((a - 1) * sa + 1) * es
-    return start, 1, 0, t.extent()  # general strides: the whole span
+    dims = sorted(((st, n) for n, st in zip(t.shape, t.strides) if n > 1), reverse=True)
+    if not dims:
+        return start, 1, 0, es
+    span = 1 + sum(st * (n - 1) for st, n in dims)  # elements from the first to the last
+    stride, rows = dims[0]
+    width = span - stride * (rows - 1)
+    if width <= stride:
+        return start, rows, stride * es, width * es
+    return start, 1, 0, span * es  # rows interleave: the whole span
 
 
 def overlaps(x: TensorSpec, x_ptr: int, y: TensorSpec, y_ptr: int) -> bool:
-    """Whether two tensors share at least one byte (exact for row-strided 2-D views of equal row stride, else by span)."""
+    """Whether two tensors share at least one byte (exact at window granularity for equal row strides, else by span)."""
     if x.numel() == 0 or y.numel() == 0:
         return False
     a0, ra, sa, wa = _window(x, x_ptr)

@@ -6,8 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import call_op, traced
-from .pipeline import execute, native_fp8, plan_for
+from ..quant import native_fp8_dtype
+from .checks import RopePlan
+from .ops import PIPELINE, call_args, call_op, execute, traced
 
 __all__ = ["QKNormRopeOutput", "qk_norm_rope"]
 
@@ -102,27 +103,23 @@ def qk_norm_rope(
     TypeError, ValueError
         For a bad argument, before anything is written (SPEC_ROPE_CACHE §4).
     """
-    args = (
-        q, k, q_weight, k_weight, cos_sin_cache, positions, q_epsilon, k_epsilon, is_neox, gemma_norm,
-        q_out, k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale, check_indices,
-    )  # fmt: skip
     if traced(q):  # the op's fake kernel validates; here only what the allocations need
-        alloc_q = q_out is None
-        alloc_k = k_out is None and k_cache is None
-        if alloc_q:
-            dtype = native_fp8(q.device) if q_scale is not None else q.dtype
-            q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
-        if alloc_k:
+        if q_out is None:
+            q_out = torch.empty(q.shape, dtype=native_fp8_dtype(q.device) if q_scale is not None else q.dtype, device=q.device)
+        if k_out is None and k_cache is None:
             k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        call_op((*args[:10], q_out, k_out, *args[12:]))
-        return QKNormRopeOutput(q_out, k_out)  # type: ignore[arg-type]
-    plan = plan_for(args)
-    allocated: tuple[str, ...] = ()
+        call_op(call_args(q, k, q_weight, k_weight, cos_sin_cache, positions, q_epsilon, k_epsilon, is_neox,
+                          gemma_norm, q_out, k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale,
+                          check_indices))  # fmt: skip
+        return QKNormRopeOutput(q_out, k_out)
+    args = call_args(q, k, q_weight, k_weight, cos_sin_cache, positions, q_epsilon, k_epsilon, is_neox, gemma_norm,
+                     q_out, k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale, check_indices)  # fmt: skip
+    plan: RopePlan = PIPELINE.plan(args)  # type: ignore[assignment]
     if plan.alloc_q_out:
         q_out = torch.empty((plan.t, plan.hq, plan.d), dtype=plan.q_out_dtype, device=plan.device)
-        allocated = ("q_out",)
     if plan.alloc_k_out:
         k_out = torch.empty((plan.t, plan.hk, plan.d), dtype=plan.dtype, device=plan.device)
-        allocated += ("k_out",)
-    execute(plan, (*args[:10], q_out, k_out, *args[12:]), allocated)
+    if plan.alloc_q_out or plan.alloc_k_out:
+        args = (*args[:10], q_out, k_out, *args[12:])
+    execute(plan, args)
     return QKNormRopeOutput(q_out, k_out)  # type: ignore[arg-type]

@@ -1,9 +1,10 @@
 """Validation of a ``qk_norm_rope`` call (SPEC_ROPE_CACHE §2, §4), in three separate parts.
 
-- :func:`plan_call` reads only metadata (type, ``dtype``, ``device``, ``shape``, ``stride()``,
-  ``dim()``) and the scalar arguments, and returns an immutable :class:`RopePlan`: a pure
-  function of the call's signature, so a caller may compute it once per signature and cache it.
-- :func:`check_aliasing` looks at where the tensors are in memory: it runs at every call.
+- :func:`plan` is the operator's planner for :class:`qknorm.core.pipeline.Pipeline`: it sees
+  the tensors as :class:`~qknorm.core.signature.TensorSpec` (class, dtype, device, shape,
+  strides) and the scalars, and returns an immutable :class:`RopePlan`, cached per signature.
+- The plan's :class:`~qknorm.core.aliasing.AliasCheck` looks at where the tensors are in
+  memory: it runs at every call.
 - :func:`check_indices` reads the index tensors (one device synchronization); only with
   ``check_indices=True`` and in the reference.
 
@@ -13,23 +14,28 @@ every message names the argument, the expectation and the value. Nothing is writ
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..checks import check_eps
-from ..quant import FP8_DTYPES
-from .aliasing import overlaps, same_view, storage_less
+from ..core.aliasing import AliasCheck
+from ..core.pipeline import specs_or_values
+from ..core.signature import TensorSpec
+from ..quant import FP8_DTYPES, native_fp8_dtype
 
 __all__ = [
     "INPUT_DTYPES",
     "INDEX_DTYPES",
     "MAX_HEAD_DIM",
+    "OUTPUTS",
+    "IN_PLACE",
     "RopePlan",
     "RopeRequest",
+    "plan",
     "plan_call",
-    "check_aliasing",
     "check_indices",
 ]
 
@@ -39,6 +45,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 1024
 # The kernel numbers (token, head) rows in int32; addresses themselves are 64-bit.
 _MAX_ROWS = 2**31 - 1
+# The fields the operator writes, and its in-place forms (exactly the same view).
+OUTPUTS = frozenset({"q_out", "k_out", "k_cache", "v_cache"})
+IN_PLACE = frozenset({("q_out", "q"), ("k_out", "k")})
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,17 @@ class RopePlan:
     q_eps: float
     k_eps: float
     check_indices: bool
+    aliasing: AliasCheck = field(repr=False, compare=False)
+    slot: dict[str, int] = field(repr=False, compare=False)  # field name -> index in the call's argument list
+
+    def bind(self, args: Sequence[Any]) -> RopeRequest:
+        """The request for one call's arguments (the op's order; outputs already allocated)."""
+        s = self.slot
+        return RopeRequest(
+            self, args[s["q"]], args[s["k"]], args[s["q_weight"]], args[s["k_weight"]], args[s["cos_sin_cache"]],
+            args[s["positions"]], args[s["q_out"]], args[s["k_out"]], args[s["v"]], args[s["k_cache"]],
+            args[s["v_cache"]], args[s["slot_mapping"]], args[s["k_scale"]], args[s["v_scale"]], args[s["q_scale"]],
+        )  # fmt: skip
 
     @property
     def has_cache(self) -> bool:
@@ -99,7 +119,7 @@ class RopePlan:
         )  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class RopeRequest:
     """A validated call with its outputs resolved: what every backend consumes.
 
@@ -125,6 +145,29 @@ class RopeRequest:
     v_scale: torch.Tensor | None = None
     q_scale: torch.Tensor | None = None
 
+    op = "qk_norm_rope"  # the operator (the registry selects among its backends)
+
+    @property
+    def m(self) -> int:
+        """Tokens T (the registry skips T = 0)."""
+        return self.q.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def key(self) -> tuple[object, ...]:
+        """What backend selection depends on (the operator first)."""
+        return self.plan.key()
+
+    def describe(self) -> str:
+        """The request's kind in words (for selection logs and errors)."""
+        p = self.plan
+        rope = f"rotary {p.rot} {'neox' if p.is_neox else 'gptj'}" if p.rot else "no rotary"
+        cache = f", {p.cache_dtype} cache" if p.has_cache else ""
+        fp8q = f", q as {p.q_out_dtype}" if p.q_fp8 else ""
+        return f"qk_norm_rope q [*, {p.hq}, {p.d}] k [*, {p.hk}, {p.d}] {p.dtype} on {p.device}, {rope}{cache}{fp8q}"
+
     def outputs(self) -> tuple[torch.Tensor, ...]:
         """Every tensor this request writes."""
         return tuple(t for t in (self.q_out, self.k_out, self.k_cache, self.v_cache) if t is not None)
@@ -133,43 +176,47 @@ class RopeRequest:
 # ----------------------------------------------------------------------------- small checks
 
 
-def _tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested or t.layout != torch.strided:  # no usable strides
-        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+def _tensor(name: str, t: Any) -> Any:
+    """A tensor argument as a spec (or a tensor): a dense strided torch.Tensor."""
+    cls = t.cls if isinstance(t, TensorSpec) else type(t)
+    if not issubclass(cls, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {cls.__name__}")
+    if isinstance(t, torch.Tensor) and t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got a nested tensor")
+    if t.layout != torch.strided:  # type: ignore[attr-defined]  # no usable strides
+        kind = "a nested tensor" if t.layout == torch.jagged else f"layout {t.layout}"  # type: ignore[attr-defined]
         raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got {kind}")
     return t
 
 
-def _bool(name: str, value: object) -> bool:
+def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
 
-def _dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], what: str = "") -> None:
+def _dtype(name: str, t: Any, dtypes: tuple[torch.dtype, ...], what: str = "") -> None:
     if t.dtype not in dtypes:
         want = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}{what}, got {t.dtype}")
 
 
-def _device(name: str, t: torch.Tensor, device: torch.device) -> None:
+def _device(name: str, t: Any, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
 
 
-def _shape(name: str, t: torch.Tensor, shape: tuple[int, ...], dims: str) -> None:
+def _shape(name: str, t: Any, shape: tuple[int, ...], dims: str) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {dims} = {list(shape)}, got {list(t.shape)}")
 
 
-def _last_contiguous(name: str, t: torch.Tensor) -> None:
+def _last_contiguous(name: str, t: Any) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
 
 
-def _no_self_overlap(name: str, t: torch.Tensor) -> None:
+def _no_self_overlap(name: str, t: Any) -> None:
     """A written tensor's elements must be distinct memory (no zero or interleaving strides)."""
     extent = 1  # elements spanned by the dimensions of smaller stride
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
@@ -179,7 +226,7 @@ def _no_self_overlap(name: str, t: torch.Tensor) -> None:
         extent += stride * (size - 1)
 
 
-def _heads(name: str, t: torch.Tensor, device: torch.device, dtypes: tuple[torch.dtype, ...],
+def _heads(name: str, t: Any, device: torch.device, dtypes: tuple[torch.dtype, ...],
            shape: tuple[int, ...], dims: str, written: bool = False) -> None:  # fmt: skip
     """``t`` is ``shape`` of one of ``dtypes`` on ``device``, last dimension contiguous."""
     _dtype(name, t, dtypes)
@@ -190,7 +237,7 @@ def _heads(name: str, t: torch.Tensor, device: torch.device, dtypes: tuple[torch
         _no_self_overlap(name, t)
 
 
-def _weight(name: str, w: object, d: int, dtype: torch.dtype, device: torch.device) -> bool:
+def _weight(name: str, w: Any, d: int, dtype: torch.dtype, device: torch.device) -> bool:
     if w is None:
         return False
     w = _tensor(name, w)
@@ -201,7 +248,7 @@ def _weight(name: str, w: object, d: int, dtype: torch.dtype, device: torch.devi
     return True
 
 
-def _index(name: str, t: object, n: int, device: torch.device) -> torch.Tensor:
+def _index(name: str, t: Any, n: int, device: torch.device) -> Any:
     t = _tensor(name, t)
     _dtype(name, t, INDEX_DTYPES)
     _shape(name, t, (n,), "[T]")
@@ -209,7 +256,7 @@ def _index(name: str, t: object, n: int, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _scale(name: str, s: object, heads: tuple[int, ...], device: torch.device) -> int:
+def _scale(name: str, s: Any, heads: tuple[int, ...], device: torch.device) -> int:
     """A float32 ``[1]`` (or ``[Hk]``) device tensor; returns its element count."""
     s = _tensor(name, s)
     _dtype(name, s, (torch.float32,))
@@ -223,7 +270,7 @@ def _scale(name: str, s: object, heads: tuple[int, ...], device: torch.device) -
 # ----------------------------------------------------------------------------- the plan
 
 
-def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_qk(q: Any, k: Any) -> tuple[Any, Any]:
     q, k = _tensor("q", q), _tensor("k", k)
     _dtype("q", q, INPUT_DTYPES)
     if q.dim() != 3:
@@ -246,7 +293,7 @@ def _check_qk(q: object, k: object) -> tuple[torch.Tensor, torch.Tensor]:
     return q, k
 
 
-def _check_rope(cos_sin_cache: object, positions: object, t: int, d: int, q: torch.Tensor) -> tuple[int, int, torch.dtype | None]:
+def _check_rope(cos_sin_cache: Any, positions: Any, t: int, d: int, q: Any) -> tuple[int, int, torch.dtype | None]:
     """Returns (R, max_pos, table dtype); (0, 0, None) without rotation."""
     if (cos_sin_cache is None) != (positions is None):
         given = "cos_sin_cache" if positions is None else "positions"
@@ -268,8 +315,8 @@ def _check_rope(cos_sin_cache: object, positions: object, t: int, d: int, q: tor
     return rot, max_pos, table.dtype
 
 
-def _check_cache(v: object, k_cache: object, v_cache: object, slot_mapping: object,
-                 t: int, hk: int, d: int, q: torch.Tensor) -> tuple[int, int, int, torch.dtype | None]:  # fmt: skip
+def _check_cache(v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any,
+                 t: int, hk: int, d: int, q: Any) -> tuple[int, int, int, torch.dtype | None]:  # fmt: skip
     """Returns (Dv, block_size, num_slots, cache dtype); (0, 0, 0, None) without a cache write."""
     given = {"v": v is not None, "k_cache": k_cache is not None, "v_cache": v_cache is not None,
              "slot_mapping": slot_mapping is not None}  # fmt: skip
@@ -300,7 +347,7 @@ def _check_cache(v: object, k_cache: object, v_cache: object, slot_mapping: obje
     return dv, bs, nb * bs, kc.dtype
 
 
-def _check_scales(k_scale: object, v_scale: object, cache_dtype: torch.dtype | None, hk: int,
+def _check_scales(k_scale: Any, v_scale: Any, cache_dtype: torch.dtype | None, hk: int,
                   device: torch.device) -> tuple[int, int]:  # fmt: skip
     if cache_dtype not in FP8_DTYPES:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -314,15 +361,14 @@ def _check_scales(k_scale: object, v_scale: object, cache_dtype: torch.dtype | N
     return _scale("k_scale", k_scale, (1, hk), device), _scale("v_scale", v_scale, (1, hk), device)
 
 
-def _check_outputs(q_out: object, k_out: object, q_scale: object, q: torch.Tensor, hk: int,
-                   fp8_native: Callable[[torch.device], torch.dtype]) -> torch.dtype:  # fmt: skip
+def _check_outputs(q_out: Any, k_out: Any, q_scale: Any, q: Any, hk: int) -> torch.dtype:
     """Checks the given outputs and q_scale; returns q's output dtype."""
     t, hq, d = q.shape
     out_dtype = q.dtype
     if q_scale is not None:
         _scale("q_scale", q_scale, (1,), q.device)
         if q_out is None:
-            out_dtype = fp8_native(q.device)
+            out_dtype = native_fp8_dtype(q.device)  # what an allocated FP8 q_out gets
     if q_out is not None:
         q_out = _tensor("q_out", q_out)
         if q_scale is not None:
@@ -337,71 +383,53 @@ def _check_outputs(q_out: object, k_out: object, q_scale: object, q: torch.Tenso
     return out_dtype
 
 
-def plan_call(
-    q: object, k: object, q_weight: object, k_weight: object, cos_sin_cache: object, positions: object, *,
-    q_epsilon: object = 1e-6, k_epsilon: object = None, is_neox: object = True, gemma_norm: object = False,
-    q_out: object = None, k_out: object = None, v: object = None, k_cache: object = None, v_cache: object = None,
-    slot_mapping: object = None, k_scale: object = None, v_scale: object = None, q_scale: object = None,
-    check_indices: object = False, fp8_native: Callable[[torch.device], torch.dtype] = lambda d: torch.float8_e4m3fn,
-) -> RopePlan:  # fmt: skip
-    """Validate a call from its metadata alone (arguments as :func:`qknorm.qk_norm_rope`).
+def plan(call: Mapping[str, Any], display: Mapping[str, str] | None = None, *, aliasing: bool = True) -> RopePlan:
+    """Validate one call given as the op's fields (tensors as :class:`TensorSpec` or tensors).
 
-    ``fp8_native(device)`` is the FP8 flavour an allocated FP8 ``q_out`` gets (e4m3fnuz on gfx942).
-    Raises ``TypeError`` / ``ValueError``; reads no tensor data and writes nothing.
+    Reads only what a signature holds (no data, no addresses), so the verdict is cached per
+    signature by :class:`qknorm.core.pipeline.Pipeline`. ``aliasing=False`` skips building the
+    aliasing check (fake tensors: no memory to compare). ``display`` is accepted for the
+    pipeline's protocol: this operator's field names are its public names. Raises
+    ``TypeError`` / ``ValueError``; writes nothing.
     """
-    q, k = _check_qk(q, k)
+    q, k = _check_qk(call["q"], call["k"])
     t, hq, d = q.shape
     hk = k.shape[1]
-    has_qw = _weight("q_weight", q_weight, d, q.dtype, q.device)
-    has_kw = _weight("k_weight", k_weight, d, q.dtype, q.device)
-    q_eps = check_eps("q_epsilon", q_epsilon)
-    k_eps = q_eps if k_epsilon is None else check_eps("k_epsilon", k_epsilon)
-    rot, max_pos, cos_dtype = _check_rope(cos_sin_cache, positions, t, d, q)
-    dv, bs, slots, cache_dtype = _check_cache(v, k_cache, v_cache, slot_mapping, t, hk, d, q)
-    ks, vs = _check_scales(k_scale, v_scale, cache_dtype, hk, q.device)
-    out_dtype = _check_outputs(q_out, k_out, q_scale, q, hk, fp8_native)
+    has_qw = _weight("q_weight", call["q_weight"], d, q.dtype, q.device)
+    has_kw = _weight("k_weight", call["k_weight"], d, q.dtype, q.device)
+    q_eps = check_eps("q_epsilon", call["q_epsilon"])
+    k_eps = q_eps if call["k_epsilon"] is None else check_eps("k_epsilon", call["k_epsilon"])
+    rot, max_pos, cos_dtype = _check_rope(call["cos_sin_cache"], call["positions"], t, d, q)
+    dv, bs, slots, cache_dtype = _check_cache(call["v"], call["k_cache"], call["v_cache"], call["slot_mapping"],
+                                              t, hk, d, q)  # fmt: skip
+    ks, vs = _check_scales(call["k_scale"], call["v_scale"], cache_dtype, hk, q.device)
+    q_out, k_out = call["q_out"], call["k_out"]
+    out_dtype = _check_outputs(q_out, k_out, call["q_scale"], q, hk)
+    names = tuple(call)
+    specs = tuple(v if isinstance(v, TensorSpec) else None for v in call.values()) if aliasing else ()
     return RopePlan(
         dtype=q.dtype, device=q.device, t=t, hq=hq, hk=hk, d=d, rot=rot, max_pos=max_pos, cos_dtype=cos_dtype,
         dv=dv, block_size=bs, num_slots=slots, cache_dtype=cache_dtype, k_scale_heads=ks, v_scale_heads=vs,
         q_out_dtype=out_dtype, alloc_q_out=q_out is None, alloc_k_out=k_out is None and cache_dtype is None,
         write_k_out=k_out is not None or cache_dtype is None, has_q_weight=has_qw, has_k_weight=has_kw,
-        is_neox=_bool("is_neox", is_neox), gemma=_bool("gemma_norm", gemma_norm), q_eps=q_eps, k_eps=k_eps,
-        check_indices=_bool("check_indices", check_indices),
+        is_neox=_bool("is_neox", call["is_neox"]), gemma=_bool("gemma_norm", call["gemma_norm"]), q_eps=q_eps,
+        k_eps=k_eps, check_indices=_bool("check_indices", call["check_indices"]),
+        aliasing=AliasCheck(names, specs, OUTPUTS, IN_PLACE), slot={n: i for i, n in enumerate(names)},
     )  # fmt: skip
 
 
+def plan_call(q: Any, k: Any, q_weight: Any, k_weight: Any, cos_sin_cache: Any, positions: Any,
+              **fields: Any) -> RopePlan:  # fmt: skip
+    """:func:`plan` for a call given as :func:`qknorm.qk_norm_rope`'s arguments (tests and tools)."""
+    from .ops import call_args  # the op's argument list; ops imports this module
+
+    args = call_args(q, k, q_weight, k_weight, cos_sin_cache, positions, **fields)
+    from .ops import FIELDS
+
+    return plan(dict(zip(FIELDS, specs_or_values(args))))
+
+
 # ----------------------------------------------------------------------------- per call
-
-
-_IN_PLACE = {("q_out", "q"), ("k_out", "k")}
-
-
-def check_aliasing(req: RopeRequest, allocated: tuple[str, ...] = ()) -> None:
-    """Written tensors may not overlap each other or any input, except ``q_out``/``k_out`` being
-    exactly the view ``q``/``k`` (in place). ``allocated`` names outputs that are fresh (skipped).
-
-    k_cache and v_cache may interleave (views of one ``[num_blocks, 2, ...]`` allocation): the
-    test is exact for tensors whose outermost dimension has equal strides (see :mod:`.aliasing`).
-    """
-    outputs = {n: getattr(req, n) for n in ("q_out", "k_out", "k_cache", "v_cache")}
-    outputs = {n: o for n, o in outputs.items() if o is not None and n not in allocated}
-    inputs = {n: getattr(req, n) for n in ("q", "k", "v", "q_weight", "k_weight", "cos_sin_cache", "positions",
-                                            "slot_mapping", "k_scale", "v_scale", "q_scale")}  # fmt: skip
-    inputs = {n: t for n, t in inputs.items() if t is not None}
-    if not outputs or storage_less((*outputs.values(), *inputs.values())):
-        return
-    names = list(outputs)
-    for i, oname in enumerate(names):
-        out = outputs[oname]
-        for other in names[i + 1 :]:
-            if overlaps(out, outputs[other]):
-                raise ValueError(f"{oname} and {other} must not overlap in memory")
-        for iname, inp in inputs.items():
-            if (oname, iname) in _IN_PLACE and same_view(out, inp):
-                continue
-            if overlaps(out, inp):
-                hint = " (in place it must be exactly the same view)" if (oname, iname) in _IN_PLACE else ""
-                raise ValueError(f"{oname} must not overlap input {iname}{hint}")
 
 
 def check_indices(req: RopeRequest) -> None:

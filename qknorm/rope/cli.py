@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
+from ..backends import registry
+from ..backends.base import Backend
 from ..backends.registry import BackendError
+from ..quant import native_fp8_dtype as native_fp8
 from .api import qk_norm_rope
-from .backends import RopeBackend, backend_names, describe, explain, get_backend
 from .checks import RopePlan, RopeRequest, plan_call
-from .pipeline import native_fp8
+from .ops import OP
 from .reference import qk_norm_rope_reference
 from .testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, pair_magnitude
 
@@ -23,7 +25,7 @@ Row = tuple[object, ...]
 
 
 def backend_rows() -> list[Row]:
-    return [(name, "yes" if ok else "no", why) for name, ok, why in describe()]
+    return [(i.name, "yes" if i.available else "no", i.reason) for i in registry.describe(OP)]
 
 
 def _call(t: int, hq: int, hk: int, d: int, rot: int, dev: torch.device, cache: torch.dtype | None, seed: int,
@@ -53,7 +55,7 @@ def _call(t: int, hq: int, hk: int, d: int, rot: int, dev: torch.device, cache: 
 def _plan(call: dict[str, Any]) -> RopePlan:
     c = dict(call)
     return plan_call(c.pop("q"), c.pop("k"), c.pop("q_weight"), c.pop("k_weight"), c.pop("cos_sin_cache"),
-                     c.pop("positions"), fp8_native=native_fp8, **c)  # fmt: skip
+                     c.pop("positions"), **c)  # fmt: skip
 
 
 def choice_rows(devices: list[torch.device]) -> list[Row]:
@@ -61,8 +63,9 @@ def choice_rows(devices: list[torch.device]) -> list[Row]:
     rows: list[Row] = []
     for dev in devices:
         for label, cache in (("bf16 cache", torch.bfloat16), ("fp8 cache", native_fp8(dev))):
-            name, skipped = explain(_plan(_call(1, 32, 8, 128, 128, dev, cache, 0)))
-            rows.append((str(dev), f"qk_norm_rope 32/8/128 {label}", name or "NONE", "; ".join(f"{n}: {w}" for n, w in skipped)))
+            d = registry.explain(_request(_call(1, 32, 8, 128, 128, dev, cache, 0)))
+            rows.append((str(dev), f"qk_norm_rope 32/8/128 {label}", d.backend or "NONE",
+                         "; ".join(f"{n}: {w}" for n, w in d.skipped)))  # fmt: skip
     return rows
 
 
@@ -129,7 +132,7 @@ def demo_rows(dev: torch.device, tokens: list[int], iters: int) -> tuple[list[Ro
         for label, cache in (("bf16 cache", torch.bfloat16), ("fp8 cache", native_fp8(dev))):
             call = _call(t, 32, 8, 128, 128, dev, cache, seed=t)
             exp = _reference(call)
-            name, _ = explain(exp.plan)
+            name = registry.explain(exp).backend
             try:
                 out = qk_norm_rope(**call)
             except BackendError as exc:
@@ -156,7 +159,7 @@ def _check_calls(dev: torch.device, quick: bool) -> list[tuple[str, dict[str, An
     return cases[:2] if quick else cases
 
 
-def _check_one(backend: RopeBackend, kw: dict[str, Any], dev: torch.device, ts: tuple[int, ...]) -> tuple[bool, float, str]:
+def _check_one(backend: Backend, kw: dict[str, Any], dev: torch.device, ts: tuple[int, ...]) -> tuple[bool, float, str]:
     good, worst, notes = True, 0.0, []
     for t in ts:
         call = _call(t, dev=dev, seed=t, **kw)
@@ -180,14 +183,14 @@ def check_rows(names: list[str], devices: list[torch.device], quick: bool) -> tu
     passes = failures = 0
     ts = (1, 67) if quick else (1, 67, 300)
     for name in names:
-        if name not in backend_names():
-            rows.append((name, "-", "qk_norm_rope", "skip", "-", "no entry point of this backend serves qk_norm_rope"))
+        if name not in registry.backend_names(OP):
+            rows.append((name, "-", "qk_norm_rope", "skip", "-", f"no {name} backend is registered for qk_norm_rope"))
             continue
-        backend = get_backend(name)
-        ok, why = backend.available()
+        backend = registry.get_backend(name, OP)
+        ok, why = registry.probe(name, OP)
         for dev in devices:
             for label, kw in _check_calls(dev, quick):
-                reason = why if not ok else backend.supports(_plan(_call(1, dev=dev, seed=0, **kw)))
+                reason = why if not ok else backend.supports(_request(_call(1, dev=dev, seed=0, **kw)))
                 if reason is not None:
                     rows.append((name, dev, f"qk_norm_rope {label}", "skip", "-", reason))
                     continue

@@ -98,8 +98,8 @@ class RopeTritonBackend:
             return True, f"triton {triton.__version__} on a GPU"
         return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
 
-    def supports(self, plan: RopePlan) -> str | None:
-        dev = plan.device.type
+    def supports(self, req: RopeRequest) -> str | None:
+        dev = req.plan.device.type
         if dev == "cuda" or (dev == "cpu" and self._interpret):
             return None
         if dev == "cpu":

@@ -12,10 +12,11 @@ import logging
 
 import torch
 
+from ..backends.registry import select
 from ..warmup import WarmupRecord
 from .api import qk_norm_rope
-from .backends import select
-from .pipeline import plan_for
+from .checks import RopePlan
+from .ops import PIPELINE, call_args
 from .triton_launch import launch_config
 
 __all__ = ["warmup_qk_norm_rope"]
@@ -106,11 +107,10 @@ def warmup_qk_norm_rope(
         elif in_place:
             kwargs.update(q_out=q, k_out=None if cache is not None else k)
         pos = torch.zeros(t, dtype=index_dtype, device=dev) if rot else None
-        qk_norm_rope(q, k, w, w, table, pos, **kwargs)  # type: ignore[arg-type]
-        plan = plan_for((q, k, w, w, table, pos, 1e-6, None, is_neox, gemma_norm, kwargs.get("q_out"), kwargs.get("k_out"),
-                         kwargs.get("v"), kwargs.get("k_cache"), kwargs.get("v_cache"), kwargs.get("slot_mapping"),
-                         kwargs.get("k_scale"), kwargs.get("v_scale"), kwargs.get("q_scale"), False))  # fmt: skip
-        backend = select(plan).name
+        out = qk_norm_rope(q, k, w, w, table, pos, **kwargs)  # type: ignore[arg-type]
+        args = call_args(q, k, w, w, table, pos, **{**kwargs, "q_out": out.q, "k_out": out.k})  # type: ignore[arg-type]
+        plan: RopePlan = PIPELINE.plan(args)  # type: ignore[assignment]
+        backend = select(plan.bind(args)).name
         logger.debug("qknorm: warmed qk_norm_rope T=%d (%s)", t, launch_config(plan, t))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
