@@ -26,12 +26,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def table_rows(out: str, first_column: str) -> list[list[str]]:
-    """Rows of the printed table whose first cell is ``first_column`` (cells split on 2+ spaces)."""
+def table_rows(out: str, first_column: str, rope: bool = False) -> list[list[str]]:
+    """Rows of the printed tables whose first cell is ``first_column`` (cells split on 2+ spaces):
+    the fused Q/K RMSNorm's, or with ``rope`` those of qk_norm_rope (a cell names it)."""
     import re
 
     rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
-    return [r for r in rows if r and r[0] == first_column]
+    return [r for r in rows if r and r[0] == first_column and any(c.startswith("qk_norm_rope") for c in r) == rope]
 
 
 @pytest.fixture
@@ -80,6 +81,9 @@ def test_backends_lists_every_backend_and_who_serves_each_mode_on_cpu(capsys):
     assert [r[1].split()[0] for r in modes] == ["none", "fp8_group", "fp8_token", "fp8_tensor", "mxfp4"]
     assert all(r[2] == "torch" for r in modes)
     assert "aiter: the default priority uses aiter on ROCm devices only" in modes[0][3]
+    rope = table_rows(out, "cpu", rope=True)
+    assert [r[1] for r in rope] == ["qk_norm_rope 32/8/128 bf16 cache", "qk_norm_rope 32/8/128 fp8 cache"]
+    assert all(r[2] == "torch" for r in rope)
 
 
 def test_backends_shows_what_aiter_bound_to_and_what_it_declines(capsys, aiter_env):
@@ -133,6 +137,9 @@ def test_demo_checks_every_row_against_the_reference_and_names_self_comparisons(
         assert r[2] == "torch" and r[-1] == "reference"  # torch is the reference: nothing independent compared
         assert float(r[3]) == 0.0
         assert float(r[4]) > 0.0  # a time per call
+    rope = table_rows(out, "1", rope=True) + table_rows(out, "3", rope=True)
+    assert [r[1] for r in rope] == ["qk_norm_rope bf16 cache", "qk_norm_rope fp8 cache"] * 2
+    assert all(r[2] == "torch" and r[-1] == "reference" for r in rope)
 
 
 class _WrongBackend:
@@ -170,8 +177,10 @@ def test_check_of_the_torch_backend_says_it_is_the_reference(capsys):
     assert rc == 0
     rows = table_rows(out, "torch")
     assert len(rows) == 7 and all(r[3] == "reference" for r in rows)  # torch compared with itself says so
+    rope = table_rows(out, "torch", rope=True)
+    assert len(rope) == 2 and all(r[3] == "reference" for r in rope)
     assert "torch backend is qknorm.reference itself" in out
-    assert "7 passed, 0 failed, 0 skipped" in out
+    assert "9 passed, 0 failed, 0 skipped" in out
 
 
 def test_check_runs_aiter_where_it_serves_and_reports_skips(capsys, aiter_env):
