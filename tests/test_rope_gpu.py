@@ -8,6 +8,7 @@ the same GPU; comparisons use SPEC_ROPE_CACHE §3's tolerances (:mod:`qknorm.rop
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -34,7 +35,8 @@ def _model(name: str, t: int, **kw: Any) -> RopeCase:
         "gemma3": dict(hq=16, hk=8, d=256, gemma=True),
         "glm-partial": dict(hq=96, hk=8, d=128, rot=64),
     }
-    return RopeCase(t=t, block_size=16, num_blocks=-(-t // 16) + 3, max_pos=max(t, 64), pad_slots=3, **{**shapes[name], **kw})
+    base = dict(t=t, block_size=16, num_blocks=-(-t // 16) + 3, max_pos=max(t, 64), pad_slots=3)
+    return RopeCase(**{**base, **shapes[name], **kw})
 
 
 REAL = [
@@ -69,6 +71,28 @@ def test_deterministic_across_calls() -> None:
         outs.append((out.q.clone(), call["k_cache"].clone(), call["v_cache"].clone()))
     for a, b in zip(*outs):
         assert_bits_equal(a, b, "repeat")
+
+
+def test_repeated_calls_take_the_direct_launch_and_stay_right() -> None:
+    """After the first call compiles, later calls launch the compiled kernel directly: new data in
+    the same buffers, new buffers, and an unaligned view (Triton's own path) must all be right."""
+    case = _model("qwen3-8b", 37, cache=E4M3, q_fp8=E4M3)
+    call = make_call(case)
+    for i in range(4):
+        if i == 1:
+            call["q"].copy_(torch.randn_like(call["q"], dtype=torch.float32))
+        elif i == 2:
+            call = make_call(replace(case, seed=5))
+        elif i == 3:  # q starting 2 bytes into its buffer: not 16-byte aligned
+            buf = torch.empty(case.t * case.hq * case.d + 1, dtype=BF16, device="cuda")
+            call["q"] = buf[1:].view(case.t, case.hq, case.d).copy_(call["q"])
+        exp = reference_request(call)
+        qk_norm_rope_reference(exp)
+        out = qknorm.qk_norm_rope(**call)
+        assert_rope_fp8_close(out.q, exp.q_out, f"q_out (call {i})")
+        _, blk, off = written_slots(exp)
+        assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (call {i})")  # type: ignore[index]
+        assert_bits_equal(call["v_cache"][blk, off], exp.v_cache[blk, off], f"v_cache (call {i})")  # type: ignore[index]
 
 
 def _graph_call(t: int) -> tuple[dict[str, Any], RopeCase]:

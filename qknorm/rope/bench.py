@@ -183,28 +183,29 @@ def sweep_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -
     sets = max(1, min(16, -(-3 * l2 // probe.nbytes())))
     bufs = [probe] + [_Set(t, dev, gen) for _ in range(sets - 1)]
     fns = [_impls(c, s)["qknorm"] for s in bufs]
-    saved = (triton_launch._TILE_DECODE, triton_launch._TILE_PREFILL, triton_launch._EPT)
+    tl_ = triton_launch
+    saved = (tl_._TILE_DECODE, tl_._TILE_PREFILL, tl_._EPT_DECODE, tl_._EPT_PREFILL)
     rows = []
-    decode = t <= triton_launch._DECODE_MAX_T
-    tiles, epts = ((512, 1024, 2048), (8, 16)) if decode else ((2048, 4096, 8192), (16, 32))
+    decode = t <= tl_._DECODE_MAX_T
+    tiles, epts = ((512, 1024, 2048), (4, 8, 16)) if decode else ((2048, 4096, 8192, 16384), (8, 16, 32))
     try:
         for tile in tiles:
             for ept in epts:
-                triton_launch._TILE_DECODE = triton_launch._TILE_PREFILL = tile
-                triton_launch._EPT = ept
+                tl_._TILE_DECODE = tl_._TILE_PREFILL = tile
+                tl_._EPT_DECODE = tl_._EPT_PREFILL = ept
                 g, _, note = _time(fns, t, sets, eager=False)
                 rows.append(dict(section="sweep", t=t, impl=f"tile {tile} ept {ept}", graph_us=g, eager_us=None,
                                  sets=sets, note=note, gb_s=None))  # fmt: skip
-                print(f"sweep T={t} tile {tile} ept {ept}: {g}", flush=True)
+                print(f"sweep T={t} tile {tile} ept {ept}: {g} {note}", flush=True)
     finally:
-        triton_launch._TILE_DECODE, triton_launch._TILE_PREFILL, triton_launch._EPT = saved
+        tl_._TILE_DECODE, tl_._TILE_PREFILL, tl_._EPT_DECODE, tl_._EPT_PREFILL = saved
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qknorm bench rope", description="qk_norm_rope against its peers (GPU)")
     p.add_argument("--t", default=",".join(map(str, DEFAULT_T)), help="token counts, comma-separated")
-    p.add_argument("--sweep", default="1,256,65536", help="token counts of the launch sweep ('' for none)")
+    p.add_argument("--sweep", default="1,256,16384,65536", help="token counts of the launch sweep ('' for none)")
     p.add_argument("--out", default="bench-out", help="folder for bench_rope.csv")
     p.add_argument("--commit", default=os.environ.get("QKNORM_COMMIT", "unknown"), help="commit recorded in the CSV")
     args = p.parse_args(argv)

@@ -69,6 +69,7 @@ class RopePlan:
     rot: int
     max_pos: int
     cos_dtype: torch.dtype | None
+    index_dtypes: tuple[torch.dtype | None, torch.dtype | None]  # of positions and slot_mapping (None: absent)
     dv: int
     block_size: int
     num_slots: int
@@ -114,7 +115,7 @@ class RopePlan:
         """What backend selection and compiled kernels depend on: all but T and the table/cache sizes."""
         return (
             "qk_norm_rope", self.device.type, self.device.index, self.dtype, self.hq, self.hk, self.d, self.rot,
-            self.cos_dtype, self.dv, self.block_size, self.cache_dtype, self.k_scale_heads, self.v_scale_heads,
+            self.cos_dtype, self.index_dtypes, self.dv, self.block_size, self.cache_dtype, self.k_scale_heads, self.v_scale_heads,
             self.q_out_dtype, self.write_k_out, self.has_q_weight, self.has_k_weight, self.is_neox, self.gemma,
         )  # fmt: skip
 
@@ -383,6 +384,10 @@ def _check_outputs(q_out: Any, k_out: Any, q_scale: Any, q: Any, hk: int) -> tor
     return out_dtype
 
 
+def _dtype_of(t: Any) -> torch.dtype | None:
+    return None if t is None else t.dtype  # type: ignore[no-any-return]
+
+
 def plan(call: Mapping[str, Any], display: Mapping[str, str] | None = None, *, aliasing: bool = True) -> RopePlan:
     """Validate one call given as the op's fields (tensors as :class:`TensorSpec` or tensors).
 
@@ -409,6 +414,7 @@ def plan(call: Mapping[str, Any], display: Mapping[str, str] | None = None, *, a
     specs = tuple(v if isinstance(v, TensorSpec) else None for v in call.values()) if aliasing else ()
     return RopePlan(
         dtype=q.dtype, device=q.device, t=t, hq=hq, hk=hk, d=d, rot=rot, max_pos=max_pos, cos_dtype=cos_dtype,
+        index_dtypes=(_dtype_of(call["positions"]), _dtype_of(call["slot_mapping"])),
         dv=dv, block_size=bs, num_slots=slots, cache_dtype=cache_dtype, k_scale_heads=ks, v_scale_heads=vs,
         q_out_dtype=out_dtype, alloc_q_out=q_out is None, alloc_k_out=k_out is None and cache_dtype is None,
         write_k_out=k_out is not None or cache_dtype is None, has_q_weight=has_qw, has_k_weight=has_kw,

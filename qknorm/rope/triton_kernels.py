@@ -86,10 +86,13 @@ def _norm_rope_rows(
         x2 = tl.load(X_PTR + base + i2, mask=m1, other=0.0).to(tl.float32)
         sumsq += tl.sum(x1 * x1 + x2 * x2, axis=1)
     r = tl.rsqrt(sumsq * (1.0 / D) + eps)[:, None]
-    zp = _rnd((xp * r) * _load_w(W_PTR, j, j < D, GEMMA), X_PTR, NATIVE)
+    # Weights are loaded at the tile's full shape (repeats hit L1): a [1, N] load would get a
+    # layout of its own and cost a layout conversion of the tile (measured for the first operator).
+    zero = (rows * 0)[:, None]
+    zp = _rnd((xp * r) * _load_w(W_PTR, j + zero, mp, GEMMA), X_PTR, NATIVE)
     if ROT > 0:
-        u1 = _rnd((x1 * r) * _load_w(W_PTR, i1, half < ROT // 2, GEMMA), X_PTR, NATIVE)
-        u2 = _rnd((x2 * r) * _load_w(W_PTR, i2, half < ROT // 2, GEMMA), X_PTR, NATIVE)
+        u1 = _rnd((x1 * r) * _load_w(W_PTR, i1 + zero, m1, GEMMA), X_PTR, NATIVE)
+        u2 = _rnd((x2 * r) * _load_w(W_PTR, i2 + zero, m1, GEMMA), X_PTR, NATIVE)
         p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
         p_ok = (p >= 0) & (p < max_pos)
         row = tl.where(p_ok, p, 0)[:, None] * cos_sin_stride
@@ -133,6 +136,77 @@ def _scale_rows(SCALE_PTR, h, HEADS: tl.constexpr):
         return tl.load(SCALE_PTR + h[:, None])
 
 
+@triton.jit
+def _q_program(
+    pid, T, eps, X_PTR, stride_t, stride_h, W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+    OUT_PTR, out_stride_t, out_stride_h, SCALE_PTR,
+    H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
+    ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
+    FNUZ: tl.constexpr, NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    """One block of ROWS q rows: norm, RoPE, store (FP8 with the scale read from SCALE_PTR)."""
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < T * H
+    t, h = rows // H, rows % H
+    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+        X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
+        COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+    )  # fmt: skip
+    scale = 1.0
+    if FP8:
+        scale = tl.load(SCALE_PTR + tl.zeros((1, 1), tl.int32))
+    base = t.to(tl.int64)[:, None] * out_stride_t + h.to(tl.int64)[:, None] * out_stride_h
+    _store_rows(OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale, ROT, FP8, FMAX, FNUZ, NATIVE, NATIVE_FP8, FMA)
+
+
+@triton.jit
+def _k_program(
+    kp, T, eps, K_PTR, stride_t, stride_h, W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+    K_OUT_PTR, k_out_stride_t, k_out_stride_h, V_PTR, v_stride_t, v_stride_h,
+    K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h, V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,
+    SLOT_PTR, num_slots, K_SCALE_PTR, V_SCALE_PTR,
+    H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
+    DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_SCALE_HEADS: tl.constexpr,
+    V_SCALE_HEADS: tl.constexpr, ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
+    C_FP8: tl.constexpr, C_FMAX: tl.constexpr, C_FNUZ: tl.constexpr,
+    NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    """One block of ROWS k rows: norm, RoPE, k_out, and the cache write of k and the matching v rows."""
+    rows = kp * ROWS + tl.arange(0, ROWS)
+    rmask = rows < T * H
+    t, h = rows // H, rows % H
+    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+        K_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
+        COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+    )  # fmt: skip
+    h64 = h.to(tl.int64)[:, None]
+    if K_OUT_PTR is not None:
+        base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
+        _store_rows(K_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, 1.0,
+                    ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
+    if K_CACHE_PTR is not None:
+        slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
+        ok = rmask & (slot >= 0) & (slot < num_slots)
+        slot = tl.where(ok, slot, 0)
+        blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        ks, vs = 1.0, 1.0
+        if C_FP8:
+            ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
+            vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
+        ok2 = ok[:, None]
+        cbase = (blk * kc_stride_b + off * kc_stride_s)[:, None] + h64 * kc_stride_h
+        _store_rows(K_CACHE_PTR, cbase, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
+                    ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
+        dv = tl.arange(0, DV_P)[None, :]
+        vmask = ok2 & (dv < DV)
+        x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
+        vbase = (blk * vc_stride_b + off * vc_stride_s)[:, None] + h64 * vc_stride_h
+        if C_FP8:
+            tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
+        else:
+            tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
+
+
 @triton.jit(do_not_specialize=["T", "q_programs", "max_pos", "num_slots"])
 def _qk_norm_rope_kernel(
     Q_PTR, q_stride_t, q_stride_h,  # q [T, HQ, D] fp16/bf16, unit channel stride
@@ -168,52 +242,20 @@ def _qk_norm_rope_kernel(
     v's row (a copy, or FP8 of ``f(x) / scale``).
     """
     pid = tl.program_id(0)
+    # The two roles live in helpers of their own: a runtime branch may not bind the same
+    # name to tiles of different shapes (ROWS_Q and ROWS_K rows) in its two arms.
     if pid < q_programs:
-        rows = pid * ROWS_Q + tl.arange(0, ROWS_Q)
-        rmask = rows < T * HQ
-        t, h = rows // HQ, rows % HQ
-        z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-            Q_PTR, Q_W_PTR, rows, t, h, rmask, q_stride_t, q_stride_h, q_eps,
-            COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+        _q_program(
+            pid, T, q_eps, Q_PTR, q_stride_t, q_stride_h, Q_W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+            Q_OUT_PTR, q_out_stride_t, q_out_stride_h, Q_SCALE_PTR,
+            HQ, D, ROT, HALF_P, PASS_P, ROWS_Q, IS_NEOX, GEMMA, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA,
         )  # fmt: skip
-        scale = 1.0
-        if Q_FP8:
-            scale = tl.load(Q_SCALE_PTR + tl.zeros((1, 1), tl.int32))
-        base = t.to(tl.int64)[:, None] * q_out_stride_t + h.to(tl.int64)[:, None] * q_out_stride_h
-        _store_rows(Q_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale,
-                    ROT, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
     else:
-        rows = (pid - q_programs) * ROWS_K + tl.arange(0, ROWS_K)
-        rmask = rows < T * HK
-        t, h = rows // HK, rows % HK
-        z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-            K_PTR, K_W_PTR, rows, t, h, rmask, k_stride_t, k_stride_h, k_eps,
-            COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
+        _k_program(
+            pid - q_programs, T, k_eps, K_PTR, k_stride_t, k_stride_h, K_W_PTR, COS_SIN_PTR, cos_sin_stride,
+            POS_PTR, max_pos, K_OUT_PTR, k_out_stride_t, k_out_stride_h, V_PTR, v_stride_t, v_stride_h,
+            K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h, V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,
+            SLOT_PTR, num_slots, K_SCALE_PTR, V_SCALE_PTR,
+            HK, D, ROT, HALF_P, PASS_P, DV, DV_P, BLOCK_SIZE, K_SCALE_HEADS, V_SCALE_HEADS, ROWS_K, IS_NEOX, GEMMA,
+            C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA,
         )  # fmt: skip
-        h64 = h.to(tl.int64)[:, None]
-        if K_OUT_PTR is not None:
-            base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
-            _store_rows(K_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, 1.0,
-                        ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
-        if K_CACHE_PTR is not None:
-            slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
-            ok = rmask & (slot >= 0) & (slot < num_slots)
-            slot = tl.where(ok, slot, 0)
-            blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            ks, vs = 1.0, 1.0
-            if C_FP8:
-                ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
-                vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
-            ok2 = ok[:, None]
-            base = (blk * kc_stride_b + off * kc_stride_s)[:, None] + h64 * kc_stride_h
-            _store_rows(K_CACHE_PTR, base, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
-                        ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
-            dv = tl.arange(0, DV_P)[None, :]
-            vmask = ok2 & (dv < DV)
-            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
-            vbase = (blk * vc_stride_b + off * vc_stride_s)[:, None] + h64 * vc_stride_h
-            if C_FP8:
-                tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA),
-                         mask=vmask)  # fmt: skip
-            else:
-                tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
