@@ -20,7 +20,7 @@ from qknorm.backends import registry
 from qknorm.backends.registry import BackendError
 from qknorm.rope.ops import PIPELINE
 from qknorm.rope.reference import qk_norm_rope_reference
-from qknorm.rope.testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, pair_magnitude
+from qknorm.rope.testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, fp8_slack, pair_magnitude
 from qknorm.testing import backend_override
 
 pytestmark = pytest.mark.gpu
@@ -89,9 +89,10 @@ def test_repeated_calls_take_the_direct_launch_and_stay_right() -> None:
         exp = reference_request(call)
         qk_norm_rope_reference(exp)
         out = qknorm.qk_norm_rope(**call)
-        assert_rope_fp8_close(out.q, exp.q_out, f"q_out (call {i})")
-        _, blk, off = written_slots(exp)
-        assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (call {i})")  # type: ignore[index]
+        assert_rope_fp8_close(out.q, exp.q_out, f"q_out (call {i})", fp8_slack(exp, "q", exp.q_scale))  # type: ignore[arg-type]
+        tok, blk, off = written_slots(exp)
+        assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (call {i})",  # type: ignore[index]
+                              fp8_slack(exp, "k", exp.k_scale)[tok])  # type: ignore[arg-type]  # fmt: skip
         assert_bits_equal(call["v_cache"][blk, off], exp.v_cache[blk, off], f"v_cache (call {i})")  # type: ignore[index]
 
 
@@ -117,9 +118,10 @@ def test_cuda_graph_after_warmup_and_new_scales_on_replay() -> None:
         torch.cuda.synchronize()
         exp = reference_request(call)
         qk_norm_rope_reference(exp)
-        assert_rope_fp8_close(out.q, exp.q_out, f"q_out (scale {scale})")
-        _, blk, off = written_slots(exp)
-        assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (scale {scale})")  # type: ignore[index]
+        assert_rope_fp8_close(out.q, exp.q_out, f"q_out (scale {scale})", fp8_slack(exp, "q", exp.q_scale))  # type: ignore[arg-type]
+        tok, blk, off = written_slots(exp)
+        assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (scale {scale})",  # type: ignore[index]
+                              fp8_slack(exp, "k", exp.k_scale)[tok])  # type: ignore[arg-type]  # fmt: skip
         assert_bits_equal(call["v_cache"][blk, off], exp.v_cache[blk, off], f"v_cache (scale {scale})")  # type: ignore[index]
 
 
@@ -148,7 +150,7 @@ def _layer(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kc: torch.
     q, k, v = qkv.split((32 * 128, 8 * 128, 8 * 128), dim=-1)
     out = qknorm.qk_norm_rope(q.view(t, 32, 128), k.view(t, 8, 128), w, w, table, pos, v=v.view(t, 8, 128),
                               k_cache=kc, v_cache=vc, slot_mapping=slots, k_scale=ks, v_scale=ks)  # fmt: skip
-    return out.q.float().sum(-1)
+    return out.q  # the op's own output: a reduction here would be Inductor's, summed in another order than eager's
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -167,7 +169,7 @@ def test_compile_fullgraph_on_cuda_matches_eager(dynamic: bool) -> None:
         caches = [[torch.zeros(64, 16, 8, 128, device=dev).to(E4M3) for _ in range(2)] for _ in range(2)]
         want = _layer(qkv, pos, slots, *caches[0], table, w, ks)
         got = compiled(qkv, pos, slots, *caches[1], table, w, ks)
-        assert torch.equal(got, want), f"T={t}"
+        assert_bits_equal(got, want, f"q_out at T={t}")
         for a, b in zip(*caches):
             assert_bits_equal(a, b, f"cache at T={t}")
 

@@ -13,7 +13,7 @@ import torch
 from ..quant import fp8_max
 from .checks import RopeRequest, check_indices
 
-__all__ = ["rope_fp32", "rms_norm_heads", "fp8_codes", "qk_norm_rope_reference"]
+__all__ = ["rope_fp32", "rms_norm_heads", "fp8_codes", "norm_rope_values", "qk_norm_rope_reference"]
 
 
 def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor | None, eps: float, gemma: bool) -> torch.Tensor:
@@ -79,6 +79,16 @@ def _norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, req: Ro
     u = rms_norm_heads(x.float(), weight, eps, req.plan.gemma).to(dtype).float()  # rule 2
     z = u if cs is None else rope_fp32(u, cs[0], cs[1], req.plan.is_neox)
     return z.to(dtype)
+
+
+def norm_rope_values(req: RopeRequest, which: str) -> torch.Tensor:
+    """``rnd(z)`` of q or k (``which``) by rules 1-3, in the input dtype, ``[T, H, D]``: the value the
+    outputs, the cache and the FP8 codes are made from."""
+    plan = req.plan
+    cs = None if req.cos_sin_cache is None else _cos_sin(req)
+    if which == "q":
+        return _norm_rope(req.q, req.q_weight, plan.q_eps, req, cs)
+    return _norm_rope(req.k, req.k_weight, plan.k_eps, req, cs)
 
 
 def _cache_writes(req: RopeRequest, k_val: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

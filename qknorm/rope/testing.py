@@ -3,7 +3,7 @@
 q, k and a q-dtype k cache: ``|out - ref| <= ulp(ref) + ulp(m)`` per element, ``m`` the larger
 magnitude of the rotation pair the element comes from (``|u|`` for pass-through channels), with
 at most 1% of elements differing at all. FP8 q and cache codes: within one step, at most 0.5%
-differing. v in the cache: bit-exact. The numbers live in :data:`qknorm.testing.TOLERANCES`.
+differing, beyond the move §3 allows in the quantized value (:func:`fp8_slack`). v in the cache: bit-exact. The numbers live in :data:`qknorm.testing.TOLERANCES`.
 Comparisons run on the actual tensor's device (GPU tests at T = 65536 stay fast).
 """
 
@@ -13,9 +13,9 @@ import torch
 
 from ..testing import TOLERANCES
 from .checks import RopeRequest
-from .reference import rms_norm_heads
+from .reference import norm_rope_values, rms_norm_heads
 
-__all__ = ["ulp", "pair_magnitude", "assert_rope_close", "assert_rope_fp8_close", "assert_bits_equal"]
+__all__ = ["ulp", "pair_magnitude", "fp8_slack", "assert_rope_close", "assert_rope_fp8_close", "assert_bits_equal"]
 
 # Significand bits after the point and smallest subnormal exponent of each output dtype.
 _FORMAT = {torch.bfloat16: (7, -133), torch.float16: (10, -24)}
@@ -45,6 +45,20 @@ def pair_magnitude(req: RopeRequest, which: str) -> torch.Tensor:
     return m
 
 
+def fp8_slack(req: RopeRequest, which: str, scale: torch.Tensor) -> torch.Tensor:
+    """How far §3 lets the value quantized for q or k move, in FP8 code units: ``(ulp(rnd(z)) + ulp(m)) / s``.
+
+    FP8 codes are ``fp8(f(rnd(z)) / s)`` and ``rnd(z)`` itself may differ from the reference's by
+    ``ulp(ref) + ulp(m)`` (fused multiply-adds, r within 2 ulp). Where RoPE cancels, ``ulp(m)``
+    is far larger than the result, so the quantized value can move by many FP8 steps of itself.
+    ``scale`` is ``[1]`` or ``[H]``; returns float64 ``[T, H, D]``.
+    """
+    dtype = req.plan.dtype
+    z = norm_rope_values(req, which)
+    bound = ulp(z, dtype) + ulp(pair_magnitude(req, which), dtype)
+    return bound / scale.double().view(1, -1, 1)
+
+
 def assert_rope_close(actual: torch.Tensor, expected: torch.Tensor, m: torch.Tensor, name: str) -> None:
     """q / k / q-dtype k-cache values within ``ulp(ref) + ulp(m)``, at most 1% differing; NaN where the reference has NaN."""
     tol = TOLERANCES["rope"]
@@ -69,8 +83,10 @@ def assert_rope_close(actual: torch.Tensor, expected: torch.Tensor, m: torch.Ten
         raise AssertionError(f"{name}: {frac:.2%} of elements differ, allowed {tol.mismatch:.0%} ({tol.reason})")
 
 
-def assert_rope_fp8_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """FP8 codes within one step of the reference, at most 0.5% differing; NaN where the reference has NaN."""
+def assert_rope_fp8_close(actual: torch.Tensor, expected: torch.Tensor, name: str,
+                          slack: torch.Tensor | None = None) -> None:  # fmt: skip
+    """FP8 codes within one step of the reference beyond ``slack`` (:func:`fp8_slack`, code units; None: 0),
+    at most 0.5% of codes differing at all; NaN where the reference has NaN."""
     tol = TOLERANCES["rope_fp8"]
     if actual.dtype != expected.dtype:
         raise AssertionError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
@@ -79,17 +95,19 @@ def assert_rope_fp8_close(actual: torch.Tensor, expected: torch.Tensor, name: st
     if not torch.equal(nan_a, nan_e):
         raise AssertionError(f"{name}: NaN positions differ ({int((nan_a != nan_e).sum())} elements)")
     a, e = torch.nan_to_num(a), torch.nan_to_num(e)
-    # One step near e: 2^-3 relative for normals, the subnormal step (2^-9 e4m3fn, 2^-10 e4m3fnuz) near zero.
-    sub = 2.0**-10 if actual.dtype == torch.float8_e4m3fnuz else 2.0**-9
-    steps = (a - e).abs() / torch.clamp(e.abs() * tol.rtol, min=sub)
-    if steps.numel() == 0:
+    if a.numel() == 0:
         return
-    if float(steps.max()) > 1.0:
-        i = int(steps.flatten().argmax())
-        raise AssertionError(f"{name}: code at flat index {i} is {a.flatten()[i]}, expected {e.flatten()[i]}")
-    frac = float((steps > 0).float().mean())
+    # One step near the codes: 2^-3 relative for normals, the subnormal step (2^-9 e4m3fn, 2^-10 e4m3fnuz) near zero.
+    sub = 2.0**-10 if actual.dtype == torch.float8_e4m3fnuz else 2.0**-9
+    step = torch.clamp(torch.maximum(a.abs(), e.abs()) * tol.rtol, min=sub).double()
+    extra = (a.double() - e.double()).abs() - (0.0 if slack is None else slack.to(a.device).double())
+    if bool((extra > step).any()):
+        i = int((extra - step).flatten().argmax())
+        raise AssertionError(f"{name}: code at flat index {i} is {a.flatten()[i]}, expected {e.flatten()[i]}"
+                             f" (beyond one step and the allowed slack; {tol.reason})")  # fmt: skip
+    frac = float((a != e).float().mean())
     if frac > tol.mismatch:
-        raise AssertionError(f"{name}: {frac:.2%} of codes differ by one step, allowed {tol.mismatch:.1%}")
+        raise AssertionError(f"{name}: {frac:.2%} of codes differ, allowed {tol.mismatch:.1%}")
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:

@@ -27,14 +27,19 @@ __all__ = ["RopeTritonBackend", "launch_config"]
 
 logger = logging.getLogger(__name__)
 
-# Measured on an NVIDIA H200 (docs/benchmarks.md), Qwen3-8B shapes, CUDA-graph replay: at T = 1
-# a 1024-element tile with 8 elements per thread (4 warps) took 1.78 µs against 2.42 µs with 16
-# (2 warps) and 2.22 µs for a 512-element tile.
+# Measured on an NVIDIA H200 (docs/benchmarks.md, 2026-11-30), Qwen3-8B shapes, bf16 cache,
+# CUDA-graph replay, µs per call (tile = elements per program, ept = elements per thread):
+#   T=1      tile 1024: ept 4 1.65, ept 8 1.76, ept 16 2.20;  tile 512 ept 4 1.62;  tile 2048 ept 8 1.62
+#   T=256    tile 1024: ept 4 4.83, ept 8 4.26, ept 16 4.61;  tile 512 ept 8 4.34;  tile 2048 ept 8 4.28
+#   T=65536  tile 4096: ept 8 455.9, ept 16 436.8, ept 32 416.9;  tile 2048 ept 32 415.2;  tile 8192 ept 32 490.2
+#            (a device copy of the same bytes: 377.7)
+# The decode choice (1024, 8) is best at T=256 and within 0.15 µs of the best at T=1; at prefill
+# sizes more elements per thread keep more loads in flight per SM (ept 32: 90.6% of copy bandwidth).
 _DECODE_MAX_T = 256
 _TILE_DECODE = 1024  # elements per program, T <= _DECODE_MAX_T
 _TILE_PREFILL = 4096  # elements per program above
 _EPT_DECODE = 8  # elements per thread, T <= _DECODE_MAX_T
-_EPT_PREFILL = 16  # elements per thread above
+_EPT_PREFILL = 32  # elements per thread above
 _MAX_WARPS = 16
 
 
