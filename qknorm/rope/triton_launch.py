@@ -240,8 +240,8 @@ def _direct_launcher(ck: Any) -> Callable[[int, int, list[Any]], None]:
     arguments), the launch configuration and every specialized integer argument (the strides,
     whose values decide their 1 / multiple-of-16 specialization), and uses it only for 16-byte
     aligned pointers (the first call's were) and no registered launch hooks (profilers).
-    Measured on the H200 host: the regular path costs about 100 µs of Python per call for this
-    kernel's 60 arguments (``docs/benchmarks.md``).
+    Measured on the NVIDIA H200 host (Qwen3-8B shapes, T = 1, eager wall time per public call):
+    128 µs through ``kernel[grid](...)`` on every call, 58 µs with this direct launch.
     """
     run, function, meta = ck.run, ck.function, ck.packed_metadata
 
