@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 import qknorm
-from qknorm.rope.checks import RopeRequest, plan_call
+from qknorm.rope.checks import plan_call
 from qknorm.rope.reference import qk_norm_rope_reference
+from qknorm.rope.request import RopeRequest
 from qknorm.rope.testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, fp8_slack, pair_magnitude
 from qknorm.testing import backend_override
 

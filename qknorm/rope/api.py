@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 
 from ..quant import native_fp8_dtype
-from .checks import RopePlan
 from .ops import PIPELINE, call_args, call_op, execute, traced
+from .request import RopePlan
 
 __all__ = ["QKNormRopeOutput", "qk_norm_rope"]
 

@@ -13,9 +13,10 @@ from ..backends.base import Backend
 from ..backends.registry import BackendError
 from ..quant import native_fp8_dtype as native_fp8
 from .api import qk_norm_rope
-from .checks import RopePlan, RopeRequest, plan_call
+from .checks import plan_call
 from .ops import OP
 from .reference import qk_norm_rope_reference
+from .request import RopePlan, RopeRequest
 from .testing import assert_bits_equal, assert_rope_close, assert_rope_fp8_close, fp8_slack, pair_magnitude
 
 __all__ = ["BACKEND_HEADER", "backend_rows", "choice_rows", "demo_rows", "check_rows"]

@@ -25,7 +25,8 @@ import torch
 from ..backends.registry import lazy, register_operator, run_request
 from ..core.library import define_op
 from ..core.pipeline import Pipeline
-from .checks import OUTPUTS, RopePlan, check_indices, plan
+from .checks import OUTPUTS, check_indices, plan
+from .request import RopePlan
 
 __all__ = ["OP", "OP_NAME", "FIELDS", "MUTATED", "PIPELINE", "call_args", "execute", "traced", "call_op"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..quant import fp8_max
-from .checks import RopeRequest, check_indices
+from .checks import check_indices
+from .request import RopeRequest
 
 __all__ = ["rope_fp32", "rms_norm_heads", "fp8_codes", "norm_rope_values", "qk_norm_rope_reference"]
 

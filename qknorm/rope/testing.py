@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..testing import TOLERANCES
-from .checks import RopeRequest
 from .reference import norm_rope_values, rms_norm_heads
+from .request import RopeRequest
 
 __all__ = ["ulp", "pair_magnitude", "fp8_slack", "assert_rope_close", "assert_rope_fp8_close", "assert_bits_equal"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import RopeRequest
 from .reference import qk_norm_rope_reference
+from .request import RopeRequest
 
 __all__ = ["RopeTorchBackend"]
 

@@ -15,8 +15,8 @@ import torch
 from ..backends.registry import select
 from ..warmup import WarmupRecord
 from .api import qk_norm_rope
-from .checks import RopePlan
 from .ops import PIPELINE, call_args
+from .request import RopePlan
 from .triton_launch import launch_config
 
 __all__ = ["warmup_qk_norm_rope"]
