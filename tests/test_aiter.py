@@ -21,8 +21,8 @@ import torch
 
 import qknorm
 from qknorm.backends import registry
-from qknorm.backends.aiter_adapters import shape_mismatch
 from qknorm.backends.aiter_backend import AiterBackend, _is_build_failure
+from qknorm.backends.aiter_binding import shape_mismatch
 from qknorm.backends.base import BackendUnavailable
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode

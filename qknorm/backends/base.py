@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 from ..request import QKNormRequest
 
-__all__ = ["Backend", "BackendUnavailable"]
+__all__ = ["Backend", "BackendUnavailable", "RequestRefused"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -15,6 +15,15 @@ class BackendUnavailable(RuntimeError):
     Raised from ``Backend.run`` only for such first-use failures: the selector then marks the
     backend unavailable with this reason, warns once and moves on. Any other exception raised
     by ``run`` propagates to the caller unchanged.
+    """
+
+
+class RequestRefused(RuntimeError):
+    """A backend raised synchronously on a request kind its ``supports()`` accepted, before any input was overwritten.
+
+    Raised from ``Backend.run``; the backend's ``supports()`` refuses that kind from then on.
+    The selector forgets its cached choice for the kind and serves the call with the next
+    backend (:func:`qknorm.backends.registry.run_request`).
     """
 
 
