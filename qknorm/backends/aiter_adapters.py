@@ -24,7 +24,18 @@ import torch
 from ..quant import QuantMode
 from ..request import QKNormRequest
 
-__all__ = ["AiterCaps", "GroupQuantCaps", "Adapter", "Unified", "GroupQuant", "Private", "Legacy", "MAX_WIDTH"]
+__all__ = [
+    "AiterCaps",
+    "GroupQuantCaps",
+    "Adapter",
+    "Unified",
+    "GroupQuant",
+    "Private",
+    "Legacy",
+    "MAX_WIDTH",
+    "widths_unsupported",
+    "group_dispatch_unsupported",
+]
 
 # Every fused entry: AITER_CHECK(n1 <= 8192 && n2 <= 8192) in fused_qk_rmsnorm_group_quant.cu,
 # "not support n" past 8192 in fused_qk_norm.cu.
@@ -158,10 +169,13 @@ def group_dispatch_unsupported(group_size: int, max_n: int, fp4: bool) -> str | 
     return f"aiter's group-quant kernel dispatches group sizes 32, 64 and 128 only, the request has {group_size}"
 
 
-def _widths_unsupported(req: QKNormRequest) -> str | None:
+def widths_unsupported(req: QKNormRequest) -> str | None:
+    """Every entry of every generation stops at 8192 columns (checked once, by the backend)."""
     for name, width in (("n1", req.n1), ("n2", req.n2)):
         if width > MAX_WIDTH:
-            return f"aiter's fused kernels take widths up to {MAX_WIDTH} (the check aborts the process), {name}={width}"
+            return (
+                f"aiter's fused kernels take widths up to {MAX_WIDTH}, {name}={width} (past it an AITER_CHECK aborts)"
+            )
     return None
 
 
@@ -244,13 +258,13 @@ def _plain_unsupported(req: QKNormRequest, what: str) -> str | None:
         return f"{what} ignores q_residual (SPEC §6)"
     if req.gemma:
         return f"{what} ignores gemma_norm (SPEC §6)"
-    return _widths_unsupported(req)
+    return None
 
 
 class GroupQuant(Adapter):
     """``fused_qk_rmsnorm_group_quant`` (#2527) with the per-token entry where present (#2958)."""
 
-    generation, since = "group_quant", "#2527, v0.1.12"
+    generation, since = "group_quant", "v0.1.12"
 
     def __init__(self, module: str, fn: Callable[..., Any], gq: GroupQuantCaps) -> None:
         super().__init__(module, "fused_qk_rmsnorm_group_quant")
@@ -265,14 +279,14 @@ class GroupQuant(Adapter):
         have += ["plain incl. q-only, residual, gemma (q_out_scale=None)"] if g.no_quant else []
         have += ["gemma"] if g.gemma else []
         have += ["contiguous copies of strided tensors (pre-#2637 checks)"] if g.contiguous else []
-        return ", ".join(have)
+        return "#2527: " + ", ".join(have)
 
     def supports(self, req: QKNormRequest, caps: AiterCaps, fp8: torch.dtype | None) -> str | None:
         if req.gemma and not self.gq.gemma:
             return "has no gemma_norm (aiter #2853, v0.1.13)"
         if req.mode is QuantMode.NONE:
-            return _widths_unsupported(req) if self.gq.no_quant else "has no no-quant mode (aiter #3010, v0.1.14)"
-        return _widths_unsupported(req) or _quant_unsupported(req, caps, fp8, self.gq)
+            return None if self.gq.no_quant else "has no no-quant mode (aiter #3010, v0.1.14)"
+        return _quant_unsupported(req, caps, fp8, self.gq)
 
     def run(self, req: QKNormRequest, caps: AiterCaps) -> None:
         b = _Buffers(self.gq.contiguous)
@@ -291,7 +305,7 @@ class GroupQuant(Adapter):
 class Unified(Adapter):
     """The unified ``fused_qk_rmsnorm(..., quant_type, group_size, transpose_scale)`` (#2958, v0.1.14)."""
 
-    generation, since = "unified", "#2958, v0.1.14"
+    generation, since = "unified", "v0.1.14"
 
     def __init__(self, module: str, fn: Callable[..., Any], quant_type: Any, gq: GroupQuantCaps) -> None:
         super().__init__(module, "fused_qk_rmsnorm")
@@ -301,12 +315,12 @@ class Unified(Adapter):
 
     def features(self) -> str:
         mx = "mxfp4" if self.gq.mx_round_up else "mxfp4 refused (pre-#3212 E8M0 rule)"
-        return f"plain q and k (No), fp8 group/token, {mx}, residual, gemma"
+        return f"#2958: plain q and k (No), fp8 group/token, {mx}, residual, gemma"
 
     def supports(self, req: QKNormRequest, caps: AiterCaps, fp8: torch.dtype | None) -> str | None:
         if req.mode is QuantMode.NONE:
             return _plain_unsupported(req, "the No mode (_fused_qk_rmsnorm)")
-        return _widths_unsupported(req) or _quant_unsupported(req, caps, fp8, self.gq)
+        return _quant_unsupported(req, caps, fp8, self.gq)
 
     def run(self, req: QKNormRequest, caps: AiterCaps) -> None:
         b = _Buffers()
@@ -328,14 +342,14 @@ class Unified(Adapter):
 class Private(Adapter):
     """``_fused_qk_rmsnorm(q_out, q, q_weight, q_eps, k_out, k, k_weight, k_eps)`` (#2958, v0.1.14)."""
 
-    generation, since = "private", "#2958, v0.1.14"
+    generation, since = "private", "v0.1.14"
 
     def __init__(self, module: str, fn: Callable[..., Any]) -> None:
         super().__init__(module, "_fused_qk_rmsnorm")
         self.fn = fn
 
     def features(self) -> str:
-        return "plain q and k"
+        return "#2958: plain q and k"
 
     def supports(self, req: QKNormRequest, caps: AiterCaps, fp8: torch.dtype | None) -> str | None:
         return _plain_unsupported(req, "_fused_qk_rmsnorm")
@@ -351,14 +365,14 @@ class Private(Adapter):
 class Legacy(Adapter):
     """The public ``fused_qk_rmsnorm(q, q_weight, q_eps, k, k_weight, k_eps)`` of #2442 to #2958."""
 
-    generation, since = "legacy", "#2442, v0.1.12"
+    generation, since = "legacy", "v0.1.12"
 
     def __init__(self, module: str, fn: Callable[..., Any]) -> None:
         super().__init__(module, "fused_qk_rmsnorm")
         self.fn = fn
 
     def features(self) -> str:
-        return "plain q and k (returns new tensors)"
+        return "#2442: plain q and k (returns new tensors)"
 
     def supports(self, req: QKNormRequest, caps: AiterCaps, fp8: torch.dtype | None) -> str | None:
         return _plain_unsupported(req, "the legacy fused_qk_rmsnorm")

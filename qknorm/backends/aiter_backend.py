@@ -43,7 +43,7 @@ import torch
 
 from ..quant import FP8_DTYPES
 from ..request import QKNormRequest
-from .aiter_adapters import Adapter, AiterCaps
+from .aiter_adapters import Adapter, AiterCaps, widths_unsupported
 from .aiter_binding import BINDERS, GQ_MODULE, ROPE_MODULE, try_import
 from .aiter_probe import compare, probe_requests
 from .base import BackendUnavailable, RequestRefused
@@ -224,7 +224,7 @@ class AiterBackend:
             if width % _WIDTH_MULTIPLE:
                 return f"qknorm sends aiter widths that are multiples of {_WIDTH_MULTIPLE}, {name}={width}"
         refused = self._refused.get(req.key())
-        return refused[1] if refused is not None else None
+        return refused[1] if refused is not None else widths_unsupported(req)
 
     def supports(self, req: QKNormRequest) -> str | None:
         self._probe()
@@ -280,9 +280,9 @@ class AiterBackend:
     def run(self, req: QKNormRequest) -> None:
         """Call the bound generation serving ``req``.
 
-        Raises BackendUnavailable for a first-use build failure, RequestRefused when aiter
-        raised synchronously (the kind is refused from then on), and RuntimeError when it did
-        so on an in-place request.
+        Raises BackendUnavailable for a first-use build failure and RequestRefused when aiter
+        raised synchronously (the kind is refused from then on; ``retry`` False on an in-place
+        request, whose input aiter may already have overwritten).
         """
         adapter = self._routes.get(req.key())
         if adapter is None:
@@ -302,7 +302,7 @@ class AiterBackend:
             raise self._refuse(adapter, req, exc) from exc
         adapter.proven = True
 
-    def _refuse(self, adapter: Adapter, req: QKNormRequest, exc: Exception) -> Exception:
+    def _refuse(self, adapter: Adapter, req: QKNormRequest, exc: Exception) -> RequestRefused:
         """Record and log (once per kind) that aiter raised on a kind qknorm believed it supports."""
         what = kind(req)
         why = f"aiter {self._version} raised {type(exc).__name__} for this kind ({adapter.entry}): {exc}"
@@ -316,10 +316,11 @@ class AiterBackend:
                          exc, what, adapter.entry)  # fmt: skip
         aliased = _in_place(req)
         if aliased is not None:
-            return RuntimeError(
+            return RequestRefused(
                 f"aiter {self._version} raised {type(exc).__name__}: {exc} on an in-place request ({aliased}): the "
                 "input may already be overwritten, so qknorm cannot serve this call elsewhere; later calls of this "
-                f"kind ({what}) go to the next backend"
+                f"kind ({what}) go to the next backend",
+                retry=False,
             )
         return RequestRefused(why)
 

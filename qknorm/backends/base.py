@@ -19,12 +19,17 @@ class BackendUnavailable(RuntimeError):
 
 
 class RequestRefused(RuntimeError):
-    """A backend raised synchronously on a request kind its ``supports()`` accepted, before any input was overwritten.
+    """A backend raised synchronously on a request kind its ``supports()`` accepted.
 
     Raised from ``Backend.run``; the backend's ``supports()`` refuses that kind from then on.
     The selector forgets its cached choice for the kind and serves the call with the next
-    backend (:func:`qknorm.backends.registry.run_request`).
+    backend (:func:`qknorm.backends.registry.run_request`), unless ``retry`` is False: an
+    input may already be overwritten (an in-place request), so the error reaches the caller.
     """
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @runtime_checkable

@@ -422,6 +422,8 @@ def _reselect_refused(req: QKNormRequest, refused_by: Backend, exc: RequestRefus
     with _lock:
         if _state.choices.get(req.key()) is refused_by:
             del _state.choices[req.key()]
+    if not exc.retry:  # an input may be overwritten already: serving the call elsewhere could be wrong
+        raise exc
     try:
         backend = select(req)
     except BackendError as err:
