@@ -54,12 +54,14 @@ def test_the_no_mode_needs_k_in_every_generation_and_qknorm_never_sends_it_none(
         fake_calls_before = len(fake.calls)
         with backend_override("aiter,torch"):
             out = qknorm.qk_rmsnorm(inp["q"], inp["q_weight"])
-            legacy_q = qknorm.fused_qk_rmsnorm(torch.empty(4, 256, dtype=BF16), None, inp["q"], inp["q_weight"])
+            q_out = torch.empty(4, 256, dtype=BF16)
+            qknorm.fused_qk_rmsnorm(q_out, None, inp["q"], inp["q_weight"])
             assert refusals() == []
         assert set(fake.calls[fake_calls_before:]) == {"group_quant_v14"}  # the no-quant mode (#3010)
     with backend_override("torch"):
-        assert_norm_close(out.q, qknorm.qk_rmsnorm(inp["q"], inp["q_weight"]).q, "q")
-    del legacy_q
+        expected = qknorm.qk_rmsnorm(inp["q"], inp["q_weight"]).q
+    assert_norm_close(out.q, expected, "q")
+    assert_norm_close(q_out, expected, "q_out of the unified entry's No mode, served by the no-quant mode")
 
 
 # ----------------------------------------------------------------------------- 2. contiguity at #2527
