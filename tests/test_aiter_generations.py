@@ -203,3 +203,39 @@ def test_fake_aborts_from_3137_on_where_earlier_ones_raised():
             with pytest.raises(outcome, match="n1/n2 <= 8192"):
                 gq.fused_qk_rmsnorm_group_quant(torch.empty(4, 9216, dtype=FN), torch.empty(4, 72), inp["q"],
                                                 inp["q_weight"], 1e-6)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- bf16 stores on gfx942
+
+
+def test_gfx942_truncates_bf16_stores_and_the_tolerance_table_absorbs_it_for_normalized_outputs():
+    """opus ``fp32_to_bf16`` truncates on gfx94x (OPUS_FP32_to_BF16_DEFAULT 2, csrc/include/opus/opus.hpp).
+
+    The normalized q and k then differ from round-to-nearest-even by at most one bf16 ulp, which
+    the tolerance table's one-ulp entry for normalized outputs absorbs: qknorm serves bf16 norms
+    through aiter on MI300. The residual sum, which qknorm promises bit for bit, does not survive
+    truncation: the behavioural probe refuses that kind and the next backend serves it exactly.
+    """
+    inp = latent(m=64, n1=512, n2=256, seed=3)
+    x = inp["q"].float()
+    y = rms_norm_fp32(x, inp["q_weight"], 1e-6, False)
+    with fake_aiter.install("unified", arch="gfx942") as fake, backend_override("aiter,torch"):
+        q_out, k_out = torch.empty(64, 512, dtype=BF16), torch.empty(64, 256, dtype=BF16)
+        qknorm.fused_qk_rmsnorm(q_out, None, inp["q"], inp["q_weight"], 1e-6, k_out=k_out, k=inp["k"],
+                                k_weight=inp["k_weight"])  # fmt: skip
+        assert fake.calls, "aiter served the plain norm"
+        rne = y.to(BF16)
+        assert not torch.equal(q_out, rne), "the fake truncates: some elements must differ from RNE"
+        truncated = (y.view(torch.int32) & -65536).view(torch.float32).to(BF16)
+        assert torch.equal(q_out, truncated)
+        assert_norm_close(q_out, rne, "q_out (truncated on gfx942)")
+        assert_norm_close(k_out, rms_norm_fp32(inp["k"].float(), inp["k_weight"], 1e-6, False).to(BF16), "k_out")
+
+        res = torch.randn(64, 512, generator=torch.Generator().manual_seed(4)).to(BF16)
+        res_out, q_unq = torch.empty(64, 512, dtype=BF16), torch.empty(64, 512, dtype=BF16)
+        qknorm.fused_qk_rmsnorm_group_quant(None, None, inp["q"], inp["q_weight"], 1e-6, q_out_unquantized=q_unq,
+                                            q_res_out=res_out, q_residual=res)  # fmt: skip
+        assert torch.equal(res_out, (x + res.float()).to(BF16)), "q + residual stays bit exact (served elsewhere)"
+        verdicts = [v for k, v in registry.get_backend("aiter").describe().items() if k.startswith("probe")]  # type: ignore[attr-defined]
+        # The plain norm's probe passed despite truncation; the residual kind's did not.
+        assert verdicts == ["matches the reference", "q_res_out differs from the exact residual sum (SPEC rule 1)"]

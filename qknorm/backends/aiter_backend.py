@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..quant import FP8_DTYPES
+from ..quant import FP8_DTYPES, fp8_dtype_for_arch
 from ..request import QKNormRequest
 from .aiter_adapters import Adapter, AiterCaps, widths_unsupported
 from .aiter_binding import BINDERS, GQ_MODULE, ROPE_MODULE, try_import
@@ -83,12 +83,7 @@ def _arch_fp8(device: torch.device) -> torch.dtype | None:
     """The FP8 flavour of a ROCm GPU from its architecture, for an aiter that does not say."""
     if device.type != "cuda" or torch.version.hip is None:
         return None
-    arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
-    if arch.startswith("gfx94"):
-        return torch.float8_e4m3fnuz
-    if arch.startswith(("gfx95", "gfx12")):
-        return torch.float8_e4m3fn
-    return None
+    return fp8_dtype_for_arch(str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")))
 
 
 def _is_build_failure(exc: BaseException) -> bool:

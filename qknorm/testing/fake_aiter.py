@@ -64,6 +64,7 @@ first on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 import subprocess
@@ -78,6 +79,7 @@ from typing import Any
 import torch
 
 from ..backends import registry
+from ..quant import fp8_dtype_for_arch
 from .fake_aiter_kernels import ENTRIES, AiterAbort, Behaviour
 
 __all__ = ["WORKING_KINDS", "BROKEN_KINDS", "KINDS", "AiterAbort", "FakeAiter", "install", "write_fake_aiter",
@@ -101,7 +103,7 @@ _IMPORTS: list[str] = []  # one item per execution of the fake's aiter/__init__.
 
 def fp8_dtype(arch: str) -> torch.dtype:
     """The FP8 flavour aiter writes on ``arch``: e4m3fnuz on gfx942 (MI300), e4m3fn on gfx950 (MI350)."""
-    return torch.float8_e4m3fnuz if arch.startswith("gfx94") else torch.float8_e4m3fn
+    return fp8_dtype_for_arch(arch) or torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- package sources
@@ -315,7 +317,8 @@ def call(kind: str, arch: str, entry: str, args: dict[str, Any], aborts: bool = 
             raise RuntimeError(
                 "[aiter] build [module_fused_qk_rmsnorm_group_quant] under /tmp/aiter/jit/build failed !!!!!!"
             ) from exc
-    return ENTRIES[entry](dict(args), fp8_dtype(arch), _TREES[kind].rules, aborts)
+    rules = dataclasses.replace(_TREES[kind].rules, truncate_bf16=arch.startswith("gfx94"))
+    return ENTRIES[entry](dict(args), fp8_dtype(arch), rules, aborts)
 
 
 # ----------------------------------------------------------------------------- installing

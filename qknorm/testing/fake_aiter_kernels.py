@@ -11,6 +11,10 @@ source at the cited commits:
   reduce-thread-size checks and dispatch switch; ``n1, n2 <= 8192``.
 - ``csrc/kernels/fused_qk_norm.cu`` (the plain kernel behind ``_fused_qk_rmsnorm`` and the
   legacy ``fused_qk_rmsnorm``): ``TORCH_CHECK`` from #2442, ``AITER_CHECK`` from #3159 on.
+- bf16 stores: ``store_vector`` converts with ``opus::cast`` (``csrc/include/aiter_opus_plus.h``),
+  whose ``fp32_to_bf16`` truncates (``OPUS_FP32_to_BF16_DEFAULT 2``, ``csrc/include/opus/opus.hpp``,
+  "valid on gfx94* and before") except on gfx950/gfx12, where the conversion instruction rounds
+  to nearest even. Every bf16 output (normalized q and k, ``q_res_out``) is truncated on gfx942.
 - The MXFP4 E8M0 scale: ``round_pow2(amax) * 0.25`` (``f32_to_e8m0_scale``,
   ``csrc/include/fp4_quant_utils.h``) before #3212, ``ceil_pow2(amax * fl32(1/6))``
   (``fp4_f32_to_e8m0_scale``, ``csrc/include/mx_quant_utils.h``) from #3212 on.
@@ -54,6 +58,14 @@ class Behaviour:
     mx_round_up: bool = True  # MXFP4 scale ceil_pow2(amax/6) (#3212 on)
     no_quant: bool = True  # q_out_scale=None plain mode (#3010 on)
     k_none_error: type[Exception] = AttributeError  # _fused_qk_rmsnorm(k=None): TypeError before #3159
+    truncate_bf16: bool = False  # the architecture's fp32 -> bf16 store truncates (gfx94x: opus rm 2)
+
+
+def _rnd(x: torch.Tensor, dtype: torch.dtype, b: Behaviour) -> torch.Tensor:
+    """fp32 -> an output dtype as the kernel stores it: RNE, or bf16 truncation where ``b`` says so."""
+    if b.truncate_bf16 and dtype == torch.bfloat16:  # opus fp32_to_bf16 rm 2: the upper 16 bits
+        return (x.contiguous().view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are 0
+    return x.to(dtype)
 
 
 class _Check:
@@ -211,13 +223,13 @@ def group_quant(a: dict[str, Any], fp8: torch.dtype, b: Behaviour, abort_process
     x = q.float()
     if a["q_residual"] is not None:
         x = x + a["q_residual"].float()
-        a["q_res_out"].copy_(x.to(q.dtype))
+        a["q_res_out"].copy_(_rnd(x, q.dtype, b))
     y = rms_norm_fp32(x, a["q_weight"], float(a["q_epsilon"]), gemma)
     if a["k"] is not None:
         k_eps = a["k_epsilon"] if a["k_epsilon"] is not None else a["q_epsilon"]
-        a["k_out"].copy_(rms_norm_fp32(a["k"].float(), a["k_weight"], float(k_eps), gemma).to(q.dtype))
+        a["k_out"].copy_(_rnd(rms_norm_fp32(a["k"].float(), a["k_weight"], float(k_eps), gemma), q.dtype, b))
     if a["q_out_unquantized"] is not None:
-        a["q_out_unquantized"].copy_(y.to(q.dtype))
+        a["q_out_unquantized"].copy_(_rnd(y, q.dtype, b))
     if no_quant:
         return
     if fp4:
@@ -248,8 +260,8 @@ def plain(a: dict[str, Any], b: Behaviour, abort_process: bool, returns: bool) -
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     yq = rms_norm_fp32(q.float(), a["q_weight"], float(a["q_eps"]), False)
     yk = rms_norm_fp32(k[: q.size(0)].float(), a["k_weight"], float(a["k_eps"]), False)
-    q_out.copy_(yq.to(q.dtype))
-    k_out.copy_(yk.to(q.dtype))
+    q_out.copy_(_rnd(yq, q.dtype, b))
+    k_out.copy_(_rnd(yk, q.dtype, b))
     return (q_out, k_out) if returns else None
 
 
