@@ -243,11 +243,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     print(f"priority: {', '.join(names)} ({how})\n")
     infos = registry.describe()
     print(_table([(i.name, "yes" if i.available else "no", i.reason) for i in infos], ("backend", "available", "why")))
-    for info in infos:
-        for key, value in info.details.items():
-            print(f"  {info.name} {key}: {value}")
-    print("\nbackend per mode (DeepSeek shapes q [T, 1536], k [T, 512] bf16; FP8 group 128, MXFP4 group 32):\n")
-    rows = []
+    rows = []  # walked before the details are printed: selection runs the behavioural probes they report
     for dev in _devices():
         for mode in _MODES:
             case = _case_for(mode, dev)
@@ -256,6 +252,10 @@ def _cmd_backends(args: argparse.Namespace) -> int:
             rows.append(
                 (str(dev), case.label.removeprefix("deepseek bfloat16 "), decision.backend or "NONE", passed_over)
             )
+    for info in registry.describe():
+        for key, value in info.details.items():
+            print(f"  {info.name} {key}: {value}")
+    print("\nbackend per mode (DeepSeek shapes q [T, 1536], k [T, 512] bf16; FP8 group 128, MXFP4 group 32):\n")
     print(_table(rows, ("device", "mode", "backend", "passed over")))
     print("\nqk_norm_rope backends:\n")
     print(_table(rope_cli.backend_rows(), rope_cli.BACKEND_HEADER))
@@ -370,6 +370,8 @@ def _check_case(
         inp = _inputs(case, m if case.shape != "head" else 8 * m, device, seed=m)
         req, ref = _request(case, inp), _request(case, inp)
         why_not = backend.supports(req)
+        if why_not is not None and "behavioural probe:" in why_not:  # the backend ran and got it wrong
+            return False, -1.0, why_not
         if why_not is not None:
             return why_not
         try:

@@ -21,8 +21,8 @@ import torch
 
 import qknorm
 from qknorm.backends import registry
-from qknorm.backends.aiter_adapters import shape_mismatch
 from qknorm.backends.aiter_backend import AiterBackend, _is_build_failure
+from qknorm.backends.aiter_binding import shape_mismatch
 from qknorm.backends.base import BackendUnavailable
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode
@@ -88,7 +88,7 @@ def assert_outputs_match(actual: qknorm.QKNormOutput, expected: qknorm.QKNormOut
 # (kind, call options, aiter entry expected to run; None: the request must go to the next backend)
 ROUTES = [
     ("unified", {}, "unified"),
-    ("unified", {"k": False}, "unified"),
+    ("unified", {"k": False}, "group_quant_v14"),  # the No mode needs k: the no-quant mode (#3010) serves it
     ("unified", {"quant": "fp8_group"}, "unified"),
     (
         "unified",
@@ -99,21 +99,29 @@ ROUTES = [
     ("unified", {"quant": "fp8_group", "group_size": 32}, "unified"),
     ("unified", {"quant": "fp8_token", "residual": True}, "unified"),
     ("unified", {"quant": "mxfp4"}, "unified"),
-    ("unified", {"residual": True}, None),  # aiter's No mode would ignore the residual
-    ("unified", {"gemma_norm": True}, None),  # ... and gemma
+    ("unified", {"residual": True}, "group_quant_v14"),  # No would ignore the residual; no-quant applies it
+    ("unified", {"gemma_norm": True}, "group_quant_v14"),  # ... and gemma
     ("unified", {"quant": "fp8_tensor"}, None),  # aiter has no per_Tensor
-    ("unified", {"quant": "fp8_group", "group_size": 256}, None),
+    ("unified", {"quant": "fp8_group", "group_size": 256}, None),  # the dispatch switch takes 32/64/128
     ("unified", {"quant": "fp8_group", "fp8_dtype": FNUZ}, None),  # a gfx950 aiter writes e4m3fn
-    ("unified", {"n1": 1540}, None),  # widths must be multiples of 8
+    ("unified", {"n1": 1540}, None),  # qknorm's own rule: widths multiples of 8
     ("unified", {"n1": 9216, "quant": "fp8_group"}, None),  # aiter stops at 8192
+    ("unified_v15", {"quant": "mxfp4"}, None),  # round_pow2(amax)/4 before #3212
+    ("unified_v15", {"k": False, "residual": True}, "group_quant_v14"),
+    ("unified_v14", {"quant": "fp8_token"}, "unified"),
+    ("unified_v14", {"k": False}, "group_quant_v14"),
+    ("no_quant", {}, "group_quant_v14"),  # #3010 came before the unified entry (#2958)
+    ("no_quant", {"k": False, "gemma_norm": True, "residual": True}, "group_quant_v14"),
+    ("no_quant", {"quant": "fp8_token"}, None),
     ("group_quant", {"quant": "fp8_group", "gemma_norm": True, "residual": True}, "group_quant_v13"),
-    ("group_quant", {"quant": "mxfp4", "return_unquantized": True}, "group_quant_v13"),
+    ("group_quant", {"quant": "fp8_group", "transpose_scale": True, "return_unquantized": True}, "group_quant_v13"),
+    ("group_quant", {"quant": "mxfp4"}, None),  # pre-#3212 E8M0 rule
     ("group_quant", {}, "legacy"),  # v0.1.13 has no no-quant mode: the legacy entry normalizes
     ("group_quant", {"k": False}, None),  # ... but needs k
-    ("group_quant", {"quant": "fp8_token"}, None),  # per-token arrived in v0.1.14
-    ("group_quant_v12", {"quant": "fp8_group"}, "group_quant_v12"),
-    ("group_quant_v12", {"quant": "fp8_group", "gemma_norm": True}, None),  # gemma arrived in v0.1.13
-    ("group_quant_v12", {"quant": "mxfp4"}, None),  # no fp4x2 dtype
+    ("group_quant", {"quant": "fp8_token"}, None),  # per-token arrived in #2958
+    ("group_quant_v12", {"quant": "fp8_group"}, "group_quant_v12"),  # split views through contiguous copies
+    ("group_quant_v12", {"quant": "fp8_group", "residual": True, "transpose_scale": True}, "group_quant_v12"),
+    ("group_quant_v12", {"quant": "fp8_group", "gemma_norm": True}, None),  # gemma arrived in #2853
     ("private", {}, "private"),
     ("private", {"quant": "fp8_group"}, None),
     ("legacy", {}, "legacy"),
@@ -125,6 +133,12 @@ ROUTES = [
 ]
 
 
+def refusals() -> list[str]:
+    """Request kinds the aiter backend refused after aiter raised (each one is a qknorm bug)."""
+    details = registry.get_backend("aiter").describe()  # type: ignore[attr-defined]
+    return [key for key in details if key.startswith("refused")]
+
+
 @pytest.mark.parametrize(("kind", "opts", "entry"), ROUTES)
 def test_each_generation_serves_what_it_computes_as_specified(kind: str, opts: dict[str, Any], entry: str | None):
     opts = dict(opts)
@@ -134,8 +148,9 @@ def test_each_generation_serves_what_it_computes_as_specified(kind: str, opts: d
         with using("aiter,torch"), warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             actual = functional(inp, **opts)
+            assert refusals() == []  # aiter never raised: supports() knew its checks
         assert fallback_warnings(record) == []  # working installs never warn
-        assert fake.calls == ([entry] if entry else [])
+        assert fake.calls == ([entry, entry] if entry else [])  # the behavioural probe, then the call
         with using("torch"):
             expected_out = functional(inp, **opts)
     assert_outputs_match(actual, expected_out, opts.get("quant"))
@@ -143,8 +158,8 @@ def test_each_generation_serves_what_it_computes_as_specified(kind: str, opts: d
 
 def test_explicit_aiter_that_cannot_serve_says_why():
     with fake_aiter.install("unified"), using("aiter"):
-        with pytest.raises(registry.BackendError, match=r"ignores q_residual \(SPEC §6\)"):
-            functional(inputs(residual=True))
+        with pytest.raises(registry.BackendError, match=r"does not implement per-tensor FP8"):
+            functional(inputs(), quant="fp8_tensor")
 
 
 @pytest.mark.parametrize(("arch", "served", "passed"), [("gfx942", FNUZ, FN), ("gfx950", FN, FNUZ)])
@@ -153,9 +168,9 @@ def test_fp8_flavour_follows_what_aiter_reports(arch: str, served: torch.dtype, 
     with fake_aiter.install("unified", arch=arch) as fake, using("aiter,torch"):
         assert fake.fp8_dtype == served
         out = functional(inp, quant="fp8_group", fp8_dtype=served)
-        assert fake.calls == ["unified"]
+        assert fake.calls == ["unified", "unified"]  # probe and call
         functional(inp, quant="fp8_token", fp8_dtype=passed)
-        assert fake.calls == ["unified"]  # the other flavour went to torch
+        assert fake.calls == ["unified", "unified"]  # the other flavour went to torch
     with using("torch"):
         assert_outputs_match(out, functional(inp, quant="fp8_group", fp8_dtype=served), "fp8_group")
 
@@ -170,7 +185,8 @@ def aiter_and_torch(call: Any, *buffers: torch.Tensor) -> tuple[list[torch.Tenso
     with fake_aiter.install("unified", arch="gfx950") as fake:
         with using("aiter,torch"):
             call(*mine)
-        calls = fake.calls
+        calls = sorted(set(fake.calls))
+        assert refusals() == []
     with using("torch"):
         call(*ref)
     return mine, ref, calls
@@ -299,18 +315,24 @@ def test_explicit_aiter_with_a_broken_aiter_raises_a_clear_error(kind: str):
         assert isinstance(info.value.__cause__, BackendUnavailable)
 
 
-def test_runtime_error_in_aiter_propagates_and_is_never_retried():
+def test_an_aiter_raising_on_every_call_is_refused_by_its_probe_and_never_called_again(caplog):
     inp = inputs()
-    q_out = torch.full((5, 1536), float("nan"), dtype=torch.bfloat16)
     with fake_aiter.install("runtime_error") as fake, using("aiter,torch"):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            for _ in range(2):
-                with pytest.raises(RuntimeError, match="HIP error: invalid device function"):
-                    qknorm.fused_qk_rmsnorm(q_out, None, inp["q"], inp["q_weight"])
-        assert fake.calls == ["unified", "unified"]
-    assert fallback_warnings(record) == []
-    assert torch.isnan(q_out.float()).all()  # torch never ran behind aiter's back
+            first = functional(inp)
+            functional(inp)
+        # One probe per entry that could serve a plain request, each refused; both calls went to torch.
+        assert fake.calls == ["unified", "group_quant_v14", "private"]
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 3
+        assert all("aiter 0.1.16 raised RuntimeError: HIP error: invalid device function" in e for e in errors)
+        why = registry.explain(build_request(q=inp["q"], q_weight=inp["q_weight"], q_epsilon=1e-6,
+                                             q_out=torch.empty(5, 1536, dtype=torch.bfloat16))).skipped  # fmt: skip
+        assert "HIP error: invalid device function" in why[0][1]
+    assert fallback_warnings(record) == []  # not a broken install: a refused kind, logged once
+    with using("torch"):
+        assert_outputs_match(first, functional(inp), None)
 
 
 def test_many_threads_one_probe_one_warning():
@@ -364,7 +386,8 @@ def test_describe_names_each_bound_generation_and_why_others_did_not_bind():
     assert d["bound (preferred): group_quant"].startswith(
         "aiter.ops.fused_qk_rmsnorm_group_quant.fused_qk_rmsnorm_group_quant (aiter v0.1.12)"
     )
-    assert "fp8 token" in d["bound (preferred): group_quant"]
+    for feature in ("fp8 token", "mxfp4", "plain incl. q-only, residual, gemma", "gemma"):
+        assert feature in d["bound (preferred): group_quant"], feature
     assert d["bound: private"].startswith("aiter.ops.fused_qk_norm_rope_cache_quant._fused_qk_rmsnorm")
     assert "unexpected signature" in d["not bound: unified"]
     assert "has no fused_qk_rmsnorm" in d["not bound: legacy"]
@@ -424,19 +447,25 @@ def test_fake_unified_reproduces_aiter_quirks():
         from aiter.ops.enum import QuantType
 
         plain = torch.empty(5, 1536, dtype=torch.bfloat16)
+        k_out = torch.empty(5, 512, dtype=torch.bfloat16)
         ignored = torch.full((5, 1536), float("nan"), dtype=torch.bfloat16)
-        gq.fused_qk_rmsnorm(plain, None, inp["q"], inp["q_weight"], 1e-6, q_out_unquantized=ignored,
-                            q_residual=inp["q_residual"], q_res_out=torch.empty_like(plain), gemma_norm=True)  # fmt: skip
+        gq.fused_qk_rmsnorm(plain, None, inp["q"], inp["q_weight"], 1e-6, q_out_unquantized=ignored, k_out=k_out,
+                            q_res_out=torch.empty_like(plain), k=inp["k"], k_weight=inp["k_weight"], k_epsilon=1e-6,
+                            q_residual=inp["q_residual"], gemma_norm=True)  # fmt: skip
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'dtype'"):
+            gq.fused_qk_rmsnorm(plain, None, inp["q"], inp["q_weight"], 1e-6)  # No needs k (#3159 on)
         with pytest.raises(NotImplementedError):
             gq.fused_qk_rmsnorm(torch.empty(5, 1536, dtype=FN), torch.empty(1), inp["q"], inp["q_weight"],
                                 quant_type=QuantType.per_Tensor)  # fmt: skip
         with pytest.raises(ValueError, match="fp8/fp4x2"):
             gq.fused_qk_rmsnorm_group_quant(torch.empty(5, 1536, dtype=FNUZ), torch.empty(5, 12), inp["q"],
                                             inp["q_weight"])  # fmt: skip
+        assert int(QuantType.No) == 0 and QuantType.No != 0 and QuantType.per_1x32 == QuantType.per_1x32  # pybind11
     assert torch.isnan(ignored.float()).all()  # q_out_unquantized ignored
     with using("torch"):
-        expected = qknorm.qk_rmsnorm(inp["q"], inp["q_weight"]).q  # no residual, no gemma
-    assert_norm_close(plain, expected, "No mode ignores q_residual and gemma_norm")
+        expected = qknorm.qk_rmsnorm(inp["q"], inp["q_weight"], inp["k"], inp["k_weight"])  # no residual, no gemma
+    assert_norm_close(plain, expected.q, "No mode ignores q_residual and gemma_norm")
+    assert_norm_close(k_out, expected.k, "k_out")
 
 
 def test_fake_legacy_returns_new_tensors():

@@ -1,41 +1,29 @@
 """Backend ``aiter``: AMD's aiter kernels, bound by feature detection on first use.
 
-aiter's fused Q/K RMSNorm has had four shapes. qknorm binds to every one the installed aiter
-has, checking module, symbol and signature shape (``inspect.signature``): in v0.1.14 aiter
-moved its public 6-argument ``fused_qk_rmsnorm`` to a private name and reused the public name
-for a new in-place entry, so a name alone proves nothing.
+aiter's fused Q/K RMSNorm has had four entry points and, behind the same names, several sets
+of argument checks and one changed rounding rule; ``docs/aiter.md`` has the table of
+generations with commits and dates. qknorm binds every entry the installed aiter has
+(:mod:`qknorm.backends.aiter_binding`) and sends a request to the newest one that computes it as
+SPEC §4 says and whose checks it passes (:mod:`qknorm.backends.aiter_adapters`); anything else
+is declared unsupported and goes to the next backend, never to aiter.
 
-===========  ====================================================================  ========
-generation   entry                                                                 since
-===========  ====================================================================  ========
-unified      ``aiter.ops.fused_qk_rmsnorm_group_quant.fused_qk_rmsnorm(q_out_       v0.1.14
-             quantized, q_out_scale, q, ..., gemma_norm, quant_type, group_size,
-             transpose_scale)`` with ``aiter.ops.enum.QuantType``
-group_quant  ``aiter.ops.fused_qk_rmsnorm_group_quant.fused_qk_rmsnorm_group_quant``   v0.1.12
-             (``gemma_norm`` since v0.1.13; ``fused_qk_rmsnorm_per_token_quant`` and
-             ``q_out_scale=None`` no-quant mode since v0.1.14)
-private      ``aiter.ops.fused_qk_norm_rope_cache_quant._fused_qk_rmsnorm(q_out, q,    v0.1.14
-             q_weight, q_eps, k_out, k, k_weight, k_eps)``
-legacy       ``aiter.ops.fused_qk_norm_rope_cache_quant.fused_qk_rmsnorm(q,           < v0.1.14
-             q_weight, q_eps, k, k_weight, k_eps) -> (q_out, k_out)``
-===========  ====================================================================  ========
+Three lines of defence, in order:
 
-A request goes to the newest bound generation that computes it as SPEC §4 says; anything
-else is declared unsupported and goes to the next backend, never to aiter:
+1. ``supports()`` encodes every C++ argument check of the bound generation. From aiter #3137
+   on, a failed check calls ``std::abort()``: it must never be reached.
+2. A behavioural probe (:mod:`qknorm.backends.aiter_probe`) runs a small fixed input through
+   aiter once per entry and request kind on a device, at selection time (so ``qknorm.warmup``
+   runs it, never CUDA-graph capture or tracing), and compares with the reference. A mismatch
+   marks the kind unsupported with what differed.
+3. An exception aiter raises synchronously for a kind ``supports()`` accepted is a qknorm bug:
+   it is logged once with aiter's version and the kind, the kind goes to the next backend from
+   then on (:class:`~qknorm.backends.base.RequestRefused`), and the call is served there; an
+   in-place request, whose input aiter may already have overwritten, raises instead.
 
-- per-tensor FP8 (aiter raises ``NotImplementedError``); FP8 of the other flavour than the
-  one aiter writes on this GPU (``aiter.dtypes.fp8``: e4m3fnuz on MI300/gfx942, e4m3fn on
-  MI350/gfx950); MXFP4 without a real ``float4_e2m1fn_x2`` dtype;
-- a plain (no-quant) request with ``q_residual`` or ``gemma_norm``: aiter's no-quant path
-  ignores both (SPEC §6);
-- widths over 8192 (aiter's C++ check, which aborts the process) or not a multiple of 8 (its
-  vector stores round the row's bound up to 4 bytes, so an odd width would write past the row);
-  group sizes other than 32/64/128.
-
-aiter writes scales by raw offset (``i * G + g``, or ``g * m + i`` transposed) and reads with
-16-byte vectors, so scales in another layout, and tensors whose base or row stride is not
-16-byte aligned, go through a temporary and a copy. On gfx942 aiter truncates bf16 outputs
-where qknorm rounds to nearest-even: at most one bf16 ulp, inside the tolerance table.
+qknorm's own rules on top of aiter's checks: widths a multiple of 8 (aiter's vector stores
+bound a row at its width rounded up to 4 bytes and never check it: an odd fp16/bf16 width, or
+an FP8 width off a multiple of 4, would write past the row); 16-byte aligned tensors, which its
+16-byte vector loads are written for but never check (misaligned ones go through a copy).
 
 Nothing here imports aiter until :meth:`AiterBackend.available` is called (first use).
 """
@@ -45,6 +33,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import subprocess
 import threading
@@ -52,19 +41,19 @@ from typing import Any
 
 import torch
 
-from ..quant import FP8_DTYPES
+from ..quant import FP8_DTYPES, fp8_dtype_for_arch
 from ..request import QKNormRequest
-from .aiter_adapters import BINDERS, GQ_MODULE, ROPE_MODULE, Adapter, AiterCaps, try_import
-from .base import BackendUnavailable
+from .aiter_adapters import Adapter, AiterCaps, widths_unsupported
+from .aiter_binding import BINDERS, GQ_MODULE, ROPE_MODULE, try_import
+from .aiter_probe import compare, probe_requests
+from .base import BackendUnavailable, RequestRefused
 
 __all__ = ["AiterBackend", "GENERATIONS"]
 
-GENERATIONS = ("unified", "group_quant", "private", "legacy")  # newest first
+logger = logging.getLogger(__name__)
 
-# aiter's fused kernels: TORCH_CHECK(n1 <= 8192 && n2 <= 8192), which aborts the process when it fails.
-_MAX_WIDTH = 8192
-# Their vector stores bound each row at its width rounded up to 4 bytes: an odd fp16/bf16 width
-# (or an FP8 width off a multiple of 4) would write past the row; 8 keeps MXFP4 bytes whole too.
+GENERATIONS = tuple(name for name, _ in BINDERS)  # newest first
+# qknorm's own rule (see the module docstring): aiter rounds a row's store bound up to 4 bytes.
 _WIDTH_MULTIPLE = 8
 
 
@@ -94,12 +83,7 @@ def _arch_fp8(device: torch.device) -> torch.dtype | None:
     """The FP8 flavour of a ROCm GPU from its architecture, for an aiter that does not say."""
     if device.type != "cuda" or torch.version.hip is None:
         return None
-    arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""))
-    if arch.startswith("gfx94"):
-        return torch.float8_e4m3fnuz
-    if arch.startswith(("gfx95", "gfx12")):
-        return torch.float8_e4m3fn
-    return None
+    return fp8_dtype_for_arch(str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")))
 
 
 def _is_build_failure(exc: BaseException) -> bool:
@@ -114,6 +98,41 @@ def _is_build_failure(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _in_place(req: QKNormRequest) -> str | None:
+    """The supported in-place forms (an output that is an input): aiter may have overwritten the input."""
+    outputs = {"q_out": req.q_out, "k_out": req.k_out, "q_res_out": req.q_res_out}
+    inputs = {"q": req.q, "k": req.k, "q_residual": req.q_residual}
+    for oname, out in outputs.items():
+        for iname, inp in inputs.items():
+            if out is not None and inp is not None and out.data_ptr() == inp.data_ptr():
+                return f"{oname} is {iname}"
+    return None
+
+
+def kind(req: QKNormRequest) -> str:
+    """A request kind in words (what :meth:`QKNormRequest.key` captures)."""
+    quant = req.mode.value if req.quant_dtype is None else f"{req.mode.value} ({req.quant_dtype})"
+    if req.mode.value in ("fp8_group", "mxfp4"):
+        quant += f" group {req.group_size}" + (" transposed scales" if req.transpose_scale else "")
+    extras = [s for s, on in (("residual", req.q_residual is not None), ("gemma", req.gemma)) if on]
+    k = f", k [*, {req.n2}]" if req.has_k else ""
+    return f"{quant}: q [*, {req.n1}]{k} {req.dtype} on {req.device}" + (f" with {', '.join(extras)}" if extras else "")
+
+
+def _probe_key(adapter: Adapter, req: QKNormRequest) -> tuple[object, ...]:
+    """What a probe result depends on: the entry and the request kind without its widths."""
+    return (adapter.generation, req.device.type, req.device.index, req.dtype, req.mode, req.quant_dtype,
+            req.group_size, req.has_k, req.q_residual is not None, req.q_out is not None, req.gemma,
+            req.transpose_scale)  # fmt: skip
+
+
+def _capturing(device: torch.device) -> bool:
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class AiterBackend:
@@ -132,6 +151,7 @@ class AiterBackend:
     def __init__(self, device_types: tuple[str, ...] = ("cuda",)) -> None:
         self.device_types = tuple(device_types)
         self._lock = threading.Lock()
+        self._probe_lock = threading.RLock()
         self._probed = False
         self._absent: str | None = None  # not installed: quietly unavailable
         self._broken: str | None = None  # installed but unusable: BackendUnavailable
@@ -139,6 +159,8 @@ class AiterBackend:
         self._adapters: list[Adapter] = []
         self._notes: list[str] = []  # why each unbound generation did not bind
         self._routes: dict[tuple[object, ...], Adapter] = {}
+        self._probes: dict[tuple[object, ...], tuple[str, str | None]] = {}  # probe key -> (kind, mismatch)
+        self._refused: dict[tuple[object, ...], tuple[str, str]] = {}  # request key -> (kind, why)
 
     def _probe(self) -> None:
         with self._lock:
@@ -177,40 +199,86 @@ class AiterBackend:
             return False, self._absent
         if self._broken is not None:
             raise BackendUnavailable(self._broken)
-        version = self._caps.version if self._caps is not None else "unknown version"
-        return True, f"aiter {version}: bound {', '.join(a.generation for a in self._adapters)}"
+        return True, f"aiter {self._version}: bound {', '.join(a.generation for a in self._adapters)}"
+
+    @property
+    def _version(self) -> str:
+        return self._caps.version if self._caps is not None else "unknown version"
 
     def _fp8(self, device: torch.device) -> torch.dtype | None:
         reported = self._caps.fp8 if self._caps is not None else None
         return reported if reported is not None else _arch_fp8(device)
 
-    def supports(self, req: QKNormRequest) -> str | None:
-        self._probe()
-        if not self._adapters:
-            return self._absent or self._broken or "aiter is not bound"
+    def _common_unsupported(self, req: QKNormRequest) -> str | None:
         dev = req.device
         if dev.type not in self.device_types:
             return f"aiter runs on {'/'.join(self.device_types)} devices, the request is on {dev.type}"
         if dev.type == "cuda" and torch.version.hip is None:
             return "aiter needs a ROCm build of PyTorch"
         for name, width in (("n1", req.n1), ("n2", req.n2)):
-            if width > _MAX_WIDTH:
-                return f"aiter's fused kernels take widths up to {_MAX_WIDTH}, {name}={width}"
             if width % _WIDTH_MULTIPLE:
-                return f"aiter needs widths that are multiples of {_WIDTH_MULTIPLE}, {name}={width}"
-        fp8 = self._fp8(dev) if req.mode.is_fp8 else None
-        fp4x2 = self._caps.fp4x2 if self._caps is not None else None
+                return f"qknorm sends aiter widths that are multiples of {_WIDTH_MULTIPLE}, {name}={width}"
+        refused = self._refused.get(req.key())
+        return refused[1] if refused is not None else widths_unsupported(req)
+
+    def supports(self, req: QKNormRequest) -> str | None:
+        self._probe()
+        if not self._adapters or self._caps is None:
+            return self._absent or self._broken or "aiter is not bound"
+        why = self._common_unsupported(req)
+        if why is not None:
+            return why
+        fp8 = self._fp8(req.device) if req.mode.is_fp8 else None
         reasons: dict[str, list[str]] = {}  # reason -> generations giving it
         for adapter in self._adapters:
-            why = adapter.supports(req, fp8, fp4x2)
+            why = adapter.supports(req, self._caps, fp8) or self._behaviour(adapter, req)
             if why is None:
                 self._routes[req.key()] = adapter
                 return None
             reasons.setdefault(why, []).append(adapter.generation)
         return "; ".join(f"{', '.join(gens)}: {why}" for why, gens in reasons.items())
 
+    def _behaviour(self, adapter: Adapter, req: QKNormRequest) -> str | None:
+        """The probe's verdict for ``adapter`` on ``req``'s kind (run once; never during capture or tracing)."""
+        key = _probe_key(adapter, req)
+        with self._probe_lock:
+            done = self._probes.get(key)
+            if done is None:
+                if _capturing(req.device):
+                    return "aiter's behavioural probe for this kind has not run; call qknorm.warmup before capture"
+                try:
+                    done = (kind(req), self._run_probe(adapter, req))
+                except BackendUnavailable:
+                    return None  # not a verdict: run() meets the build failure and reports it as such
+                self._probes[key] = done
+        return None if done[1] is None else f"behavioural probe: {done[1]}"
+
+    def _run_probe(self, adapter: Adapter, req: QKNormRequest) -> str | None:
+        actual, expected = probe_requests(req)
+        try:
+            adapter.run(actual, self._caps)  # type: ignore[arg-type]
+        except Exception as exc:
+            if not adapter.proven and _is_build_failure(exc):
+                raise BackendUnavailable(
+                    f"{adapter.entry} failed to build or load on first use: {type(exc).__name__}: {exc}"
+                ) from exc
+            logger.error("aiter %s raised %s: %s in the behavioural probe of %s (%s); qknorm serves this kind "
+                         "with the next backend", self._version, type(exc).__name__, exc, kind(req), adapter.entry)  # fmt: skip
+            return f"{adapter.entry} raised {type(exc).__name__}: {exc}"
+        adapter.proven = True
+        why = compare(actual, expected)
+        if why is not None:
+            logger.warning("aiter %s differs from the reference on %s (%s): %s; qknorm serves this kind with the "
+                           "next backend", self._version, kind(req), adapter.entry, why)  # fmt: skip
+        return why
+
     def run(self, req: QKNormRequest) -> None:
-        """Call the bound generation serving ``req``; a first-use build failure raises BackendUnavailable."""
+        """Call the bound generation serving ``req``.
+
+        Raises BackendUnavailable for a first-use build failure and RequestRefused when aiter
+        raised synchronously (the kind is refused from then on; ``retry`` False on an in-place
+        request, whose input aiter may already have overwritten).
+        """
         adapter = self._routes.get(req.key())
         if adapter is None:
             why = self.supports(req)
@@ -219,16 +287,40 @@ class AiterBackend:
             adapter = self._routes[req.key()]
         try:
             adapter.run(req, self._caps)  # type: ignore[arg-type]
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:
             if not adapter.proven and _is_build_failure(exc):
                 raise BackendUnavailable(
                     f"{adapter.entry} failed to build or load on first use: {type(exc).__name__}: {exc}"
                 ) from exc
-            raise
+            raise self._refuse(adapter, req, exc) from exc
         adapter.proven = True
 
+    def _refuse(self, adapter: Adapter, req: QKNormRequest, exc: Exception) -> RequestRefused:
+        """Record and log (once per kind) that aiter raised on a kind qknorm believed it supports."""
+        what = kind(req)
+        why = f"aiter {self._version} raised {type(exc).__name__} for this kind ({adapter.entry}): {exc}"
+        with self._probe_lock:
+            first = req.key() not in self._refused
+            self._refused[req.key()] = (what, why)
+            self._routes.pop(req.key(), None)
+        if first:
+            logger.error("aiter %s raised %s: %s for %s (%s), a request kind qknorm believed it supports; qknorm "
+                         "serves this kind with the next backend from now on", self._version, type(exc).__name__,
+                         exc, what, adapter.entry)  # fmt: skip
+        aliased = _in_place(req)
+        if aliased is not None:
+            return RequestRefused(
+                f"aiter {self._version} raised {type(exc).__name__}: {exc} on an in-place request ({aliased}): the "
+                "input may already be overwritten, so qknorm cannot serve this call elsewhere; later calls of this "
+                f"kind ({what}) go to the next backend",
+                retry=False,
+            )
+        return RequestRefused(why)
+
     def describe(self) -> dict[str, str]:
-        """What the probe found: aiter's version and location, each bound generation, what did not bind."""
+        """What the probe found: aiter's version and location, each bound generation, probe verdicts, refusals."""
         self._probe()
         info: dict[str, str] = {}
         if self._absent is not None:
@@ -243,5 +335,10 @@ class AiterBackend:
         for note in self._notes:
             generation, _, why = note.partition(": ")
             info[f"not bound: {generation}"] = why
+        with self._probe_lock:
+            for key, (what, mismatch) in self._probes.items():
+                info[f"probe {key[0]}: {what}"] = "matches the reference" if mismatch is None else mismatch
+            for what, why in self._refused.values():
+                info[f"refused: {what}"] = why
         info["devices"] = "/".join(self.device_types)
         return info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Backend", "BackendUnavailable"]
+__all__ = ["Backend", "BackendUnavailable", "RequestRefused"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -14,6 +14,20 @@ class BackendUnavailable(RuntimeError):
     backend unavailable with this reason, warns once and moves on. Any other exception raised
     by ``run`` propagates to the caller unchanged.
     """
+
+
+class RequestRefused(RuntimeError):
+    """A backend raised synchronously on a request kind its ``supports()`` accepted.
+
+    Raised from ``Backend.run``; the backend's ``supports()`` refuses that kind from then on.
+    The selector forgets its cached choice for the kind and serves the call with the next
+    backend (:func:`qknorm.backends.registry.run_request`), unless ``retry`` is False: an
+    input may already be overwritten (an in-place request), so the error reaches the caller.
+    """
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @runtime_checkable

@@ -15,10 +15,11 @@ Failure handling:
   marks the backend unavailable with that reason. When selection then falls back past it,
   one :class:`BackendFallbackWarning` per backend names the cause. A probe that merely says
   "not installed" is skipped quietly.
-- A backend raising from ``run`` propagates: numerics must not depend on history. The one
-  exception is :class:`~qknorm.backends.base.BackendUnavailable` (a first-use build failure):
+- A backend raising from ``run`` propagates: numerics must not depend on history. Two
+  exceptions: :class:`~qknorm.backends.base.BackendUnavailable` (a first-use build failure):
   the backend is marked unavailable and the request goes to the next backend, with the same
-  single warning.
+  single warning; :class:`~qknorm.backends.base.RequestRefused` (a library raised on a kind the
+  backend said it supports): that kind goes to the next backend from then on, and so does the call.
 - An explicit ``QKNORM_BACKEND`` list is the whole list: when none of its backends can serve
   a request, :class:`BackendError` says why for each of them (no silent fallback).
 
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, RequestRefused
 
 __all__ = [
     "BACKEND_NAMES",
@@ -453,8 +454,27 @@ def run_request(req: Request) -> str:
             except BackendError as err:
                 raise BackendError(str(err)) from exc
             continue
+        except RequestRefused as exc:
+            backend = _reselect_refused(req, backend, exc)
+            continue
         break
     return backend.name
+
+
+def _reselect_refused(req: Request, refused_by: Backend, exc: RequestRefused) -> Backend:
+    """The backend that serves ``req`` after ``refused_by`` refused its kind (it logged why, once)."""
+    with _lock:
+        if _state.choices.get(req.key()) is refused_by:
+            del _state.choices[req.key()]
+    if not exc.retry:  # an input may be overwritten already: serving the call elsewhere could be wrong
+        raise exc
+    try:
+        backend = select(req)
+    except BackendError as err:
+        raise BackendError(str(err)) from exc
+    if backend is refused_by:  # its supports() must refuse the kind now; never loop
+        raise BackendError(f"backend {refused_by.name} refused {_describe(req)} but still claims it") from exc
+    return backend
 
 
 def _describe(req: Request) -> str:

@@ -2,24 +2,43 @@
 
 Each fake is a real package tree (``aiter/``, ``aiter/ops/...``) written to a directory. Its
 entry points have the exact signatures of one aiter generation and compute with PyTorch on
-whatever device the tensors are on (the math of :mod:`qknorm.reference`), reproducing that
-generation's quirks: the unified ``No`` mode ignores ``q_residual``, ``gemma_norm`` and
-``q_out_unquantized``; ``per_Tensor`` raises ``NotImplementedError``; scales are written by
-raw offset (``i * G + g``, ``g * m + i`` when transposed) whatever the scale tensor's strides;
-tensors must be 16-byte aligned (base and row stride), as aiter's vector loads assume;
-FP8 outputs must have ``aiter.dtypes.fp8`` (e4m3fnuz for ``arch="gfx942"``, e4m3fn for
-``"gfx950"``); the legacy entry returns new tensors.
+whatever device the tensors are on (the math of :mod:`qknorm.reference`), following that
+generation's rules as read from aiter's source (:mod:`qknorm.testing.fake_aiter_kernels` has
+the details): the Python wrappers' ``ValueError``/``NotImplementedError``, the C++ host checks
+(``TORCH_CHECK`` raises ``RuntimeError``; ``AITER_CHECK`` aborts the process), contiguity and
+stride rules, scale offsets, the ``No`` mode (the plain kernel: q_residual, gemma_norm and
+q_out_unquantized ignored, k required) against the group-quant no-quant mode (residual and
+gemma applied), ``QuantType`` as a pybind11 enum (``int()`` works, ``== 0`` is False), and the
+MXFP4 E8M0 rule before and after #3212. FP8 outputs must have ``aiter.dtypes.fp8``
+(e4m3fnuz for ``arch="gfx942"``, e4m3fn for ``"gfx950"``).
 
-Working kinds (:data:`WORKING_KINDS`):
+A failed ``AITER_CHECK`` raises :class:`AiterAbort` (a ``BaseException``: nothing in qknorm
+can catch it, so a test reaching it fails); a fake written with ``aborts=True`` calls
+``os.abort()`` instead, as aiter does, for tests that run it in a subprocess.
 
-- ``unified``: aiter v0.1.16 - the unified ``fused_qk_rmsnorm`` with ``QuantType``, group and
-  per-token quant entries, the private ``_fused_qk_rmsnorm``; fp4x2.
-- ``group_quant``: v0.1.13 - ``fused_qk_rmsnorm_group_quant`` with ``gemma_norm`` but no
-  no-quant mode, and the legacy public ``fused_qk_rmsnorm``; fp4x2.
-- ``group_quant_v12``: v0.1.12 - as above without ``gemma_norm`` and without fp4x2.
-- ``private``: only ``_fused_qk_rmsnorm`` (a v0.1.14 install missing its group-quant module).
-- ``legacy``: v0.1.11 - only the 6-argument public ``fused_qk_rmsnorm``.
-- ``drifted_unified``: v0.1.16 whose ``fused_qk_rmsnorm`` has a signature of another shape
+Working kinds (:data:`WORKING_KINDS`), each the aiter commit range it stands for:
+
+- ``legacy``: #2442 (2026-03-25) to #2527 - only the public 6-argument ``fused_qk_rmsnorm``
+  (``aiter/ops/fused_qk_norm_rope_cache_quant.py``, ``csrc/kernels/fused_qk_norm.cu``).
+- ``group_quant_v12``: #2527 (2026-04-03) to #2637, release v0.1.12 - ``fused_qk_rmsnorm_group_quant``
+  without ``gemma_norm``, every tensor ``is_contiguous()``, scales at raw offsets; plus legacy.
+- ``group_quant``: #2637 (2026-04-08) to #3010, v0.1.12.post1 and v0.1.13 - row strides and scale
+  strides, ``gemma_norm`` (#2853); plus legacy.
+- ``no_quant``: #3010 (2026-05-04) to #2958 - every parameter optional, ``q_out_scale=None``
+  normalizes only (residual and gemma applied); plus legacy.
+- ``unified_v14``: #2958 (2026-05-09) to #3137, v0.1.14 - the unified ``fused_qk_rmsnorm`` with
+  ``QuantType``, the per-token entry, the private ``_fused_qk_rmsnorm`` (k=None: pybind TypeError);
+  every check raises.
+- ``unified_v15``: #3137 (2026-05-13) and #3159 (2026-05-29) to #3212, v0.1.15.post1-post3 -
+  ``AITER_CHECK`` aborts in both kernels; ``_fused_qk_rmsnorm(k=None)`` raises AttributeError;
+  MXFP4 scales still round_pow2(amax)/4.
+- ``unified``: #3212 (2026-06-02) to e4048607 (2026-08-22), v0.1.16-v0.1.20 - as above with the
+  ceil_pow2(amax/6) E8M0 rule and ``aiter/utility/mx_types.py``.
+- ``mxfp4_unmarked``: ``unified`` whose kernel still computes the pre-#3212 E8M0 rule, as a
+  partial cherry-pick would build: names, signatures and files cannot tell; only the
+  behavioural probe can.
+- ``private``: only ``_fused_qk_rmsnorm`` (a v0.1.16 install missing its group-quant module).
+- ``drifted_unified``: ``unified`` whose ``fused_qk_rmsnorm`` has a signature of another shape
   (the other entries intact): binding must go by signature, not by name.
 
 Broken kinds (:data:`BROKEN_KINDS`): ``missing_module`` (aiter without the fused modules),
@@ -45,26 +64,29 @@ first on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..backends import registry
-from ..reference import fp8_quantize, mxfp4_quantize, rms_norm_fp32
+from ..quant import fp8_dtype_for_arch
+from .fake_aiter_kernels import ENTRIES, AiterAbort, Behaviour
 
-__all__ = ["WORKING_KINDS", "BROKEN_KINDS", "KINDS", "FakeAiter", "install", "write_fake_aiter", "fp8_dtype"]
+__all__ = ["WORKING_KINDS", "BROKEN_KINDS", "KINDS", "AiterAbort", "FakeAiter", "install", "write_fake_aiter",
+           "fp8_dtype"]  # fmt: skip
 
-WORKING_KINDS = ("unified", "group_quant", "group_quant_v12", "private", "legacy", "drifted_unified")
+WORKING_KINDS = ("legacy", "group_quant_v12", "group_quant", "no_quant", "unified_v14", "unified_v15", "unified",
+                 "mxfp4_unmarked", "private", "drifted_unified")  # fmt: skip
 BROKEN_KINDS = (
     "missing_module",
     "renamed_symbol",
@@ -81,44 +103,45 @@ _IMPORTS: list[str] = []  # one item per execution of the fake's aiter/__init__.
 
 def fp8_dtype(arch: str) -> torch.dtype:
     """The FP8 flavour aiter writes on ``arch``: e4m3fnuz on gfx942 (MI300), e4m3fn on gfx950 (MI350)."""
-    return torch.float8_e4m3fnuz if arch.startswith("gfx94") else torch.float8_e4m3fn
+    return fp8_dtype_for_arch(arch) or torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- package sources
 
 _OPT = "q_out_unquantized=None, k_out=None, q_res_out=None, k=None, k_weight=None, k_epsilon=None, q_residual=None"
+_CALL = "return _fake.call(_KIND, _ARCH, {entry!r}, locals(), _ABORTS)"
 _DEFS = {
     "unified": f"""
 def fused_qk_rmsnorm(q_out_quantized=None, q_out_scale=None, q=None, q_weight=None, q_epsilon=1e-6, {_OPT},
                      gemma_norm=False, quant_type=QuantType.No, group_size=None, transpose_scale=False):
-    return _fake.call(_KIND, _ARCH, "unified", locals())
+    {_CALL.format(entry="unified")}
 """,
     "group_quant_v14": f"""
 def fused_qk_rmsnorm_group_quant(q_out_quantized=None, q_out_scale=None, q=None, q_weight=None, q_epsilon=1e-6,
                                  {_OPT}, group_size=128, transpose_scale=False, gemma_norm=False):
-    return _fake.call(_KIND, _ARCH, "group_quant_v14", locals())
+    {_CALL.format(entry="group_quant_v14")}
 """,
     "group_quant_v13": f"""
-def fused_qk_rmsnorm_group_quant(q_out_quantized, q_out_scale, q, q_weight, q_epsilon=1e-6, {_OPT},
+def fused_qk_rmsnorm_group_quant(q_out_quantized, q_out_scale, q, q_weight, q_epsilon, {_OPT},
                                  group_size=128, transpose_scale=False, gemma_norm=False):
-    return _fake.call(_KIND, _ARCH, "group_quant_v13", locals())
+    {_CALL.format(entry="group_quant_v13")}
 """,
     "group_quant_v12": f"""
-def fused_qk_rmsnorm_group_quant(q_out_quantized, q_out_scale, q, q_weight, q_epsilon=1e-6, {_OPT},
+def fused_qk_rmsnorm_group_quant(q_out_quantized, q_out_scale, q, q_weight, q_epsilon, {_OPT},
                                  group_size=128, transpose_scale=False):
-    return _fake.call(_KIND, _ARCH, "group_quant_v12", locals())
+    {_CALL.format(entry="group_quant_v12")}
 """,
     "per_token": f"""
 def fused_qk_rmsnorm_per_token_quant(q_out_quantized, q_out_scale, q, q_weight, q_epsilon, {_OPT}, gemma_norm=False):
-    return _fake.call(_KIND, _ARCH, "per_token", locals())
+    {_CALL.format(entry="per_token")}
 """,
-    "private": """
+    "private": f"""
 def _fused_qk_rmsnorm(q_out, q, q_weight, q_eps, k_out, k, k_weight, k_eps):
-    return _fake.call(_KIND, _ARCH, "private", locals())
+    {_CALL.format(entry="private")}
 """,
-    "legacy": """
+    "legacy": f"""
 def fused_qk_rmsnorm(q, q_weight, q_eps, k, k_weight, k_eps):
-    return _fake.call(_KIND, _ARCH, "legacy", locals())
+    {_CALL.format(entry="legacy")}
 """,
     # Drifted and broken shapes.
     "unified_drifted": """
@@ -149,41 +172,85 @@ def _fused_qk_rmsnorm(q_out, q, q_weight, q_eps, k_out, k, k_weight, k_eps, cos_
 """,
 }
 
+# csrc/include/rocm_ops.hpp AITER_CORE_PYBIND: pybind11::enum_<QuantType> (before #2545 in
+# csrc/pybind/aiter_enum_pybind.cu): members convert with int() but compare equal only to members.
+_ENUM = '''\
+class QuantType:
+    """Stands for aiter's pybind11 enum: int() gives the value, == holds between members only."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def __int__(self):
+        return self.value
+
+    def __index__(self):
+        return self.value
+
+    def __eq__(self, other):
+        return type(other) is QuantType and other.value == self.value
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __repr__(self):
+        return f"<QuantType.{self.name}: {self.value}>"
+
+
+for _name, _value in (("No", 0), ("per_Tensor", 1), ("per_Token", 2), ("per_1x32", 3), ("per_1x128", 4),
+                      ("per_128x128", 5), ("per_256x128", 6), ("per_1024x128", 7)):
+    setattr(QuantType, _name, QuantType(_name, _value))
+'''
+
 
 @dataclass(frozen=True)
 class _Tree:
     version: str
     gq: tuple[str, ...] | None  # _DEFS keys in aiter/ops/fused_qk_rmsnorm_group_quant.py (None: no module)
     rope: tuple[str, ...] | None  # _DEFS keys in aiter/ops/fused_qk_norm_rope_cache_quant.py
-    fp4: bool = True
-    enum: bool = True
+    rules: Behaviour = field(default_factory=Behaviour)
+    mx_marker: bool = False  # aiter/utility/mx_types.py (#3212)
     import_error: bool = False
 
 
-_V16 = _Tree("0.1.16", ("unified", "group_quant_v14", "per_token"), ("private",))
+_RAISES: dict[str, Any] = {"gq_aborts": False, "plain_aborts": False, "mx_round_up": False, "k_none_error": TypeError}
+_V14 = ("unified", "group_quant_v14", "per_token")
+_HEAD = _Tree("0.1.16", _V14, ("private",), Behaviour(), mx_marker=True)
 _TREES = {
-    "unified": _V16,
-    "group_quant": _Tree("0.1.13", ("group_quant_v13",), ("legacy",), enum=False),
-    "group_quant_v12": _Tree("0.1.12", ("group_quant_v12",), ("legacy",), fp4=False, enum=False),
-    "private": _Tree("0.1.14", None, ("private",), fp4=False),
-    "legacy": _Tree("0.1.11", None, ("legacy",), fp4=False, enum=False),
-    "drifted_unified": _Tree("0.1.16", ("unified_drifted", "group_quant_v14", "per_token"), ("private",)),
-    "missing_module": _Tree("0.1.10", None, None, enum=False),
+    "legacy": _Tree("0.1.11+g149a8f6", None, ("legacy",), Behaviour(**_RAISES)),
+    "group_quant_v12": _Tree("0.1.12", ("group_quant_v12",), ("legacy",),
+                             Behaviour(contiguous=True, no_quant=False, **_RAISES)),
+    "group_quant": _Tree("0.1.13", ("group_quant_v13",), ("legacy",), Behaviour(no_quant=False, **_RAISES)),
+    "no_quant": _Tree("0.1.13+g2235c25", ("group_quant_v14",), ("legacy",), Behaviour(**_RAISES)),
+    "unified_v14": _Tree("0.1.14", _V14, ("private",), Behaviour(**_RAISES)),
+    "unified_v15": _Tree("0.1.15.post1", _V14, ("private",), Behaviour(mx_round_up=False)),
+    "unified": _HEAD,
+    "mxfp4_unmarked": _Tree("0.1.16", _V14, ("private",), Behaviour(mx_round_up=False), mx_marker=True),
+    "private": _Tree("0.1.16", None, ("private",), Behaviour(), mx_marker=True),
+    "drifted_unified": _Tree("0.1.16", ("unified_drifted", "group_quant_v14", "per_token"), ("private",),
+                             mx_marker=True),
+    "missing_module": _Tree("0.1.10", None, None),
     "renamed_symbol": _Tree("0.1.99", ("renamed",), ("renamed_rope",)),
     "changed_signature": _Tree("0.2.0", ("changed_gq",), ("changed_rope",)),
     "import_oserror": _Tree("0.1.16", None, None, import_error=True),
-    "runtime_error": _V16,
-    "jit_build_failure": _V16,
-}
+    "runtime_error": _HEAD,
+    "jit_build_failure": _HEAD,
+}  # fmt: skip
 
 
-def _module(kind: str, arch: str, defs: tuple[str, ...], imports: str = "") -> str:
+def _module(kind: str, arch: str, defs: tuple[str, ...], aborts: bool, imports: str = "") -> str:
     head = f'"""Fake aiter module (qknorm.testing.fake_aiter, kind {kind!r})."""\n'
-    head += f"from qknorm.testing import fake_aiter as _fake\n{imports}\n_KIND = {kind!r}\n_ARCH = {arch!r}\n"
+    head += f"from qknorm.testing import fake_aiter as _fake\n{imports}\n"
+    head += f"_KIND = {kind!r}\n_ARCH = {arch!r}\n_ABORTS = {aborts!r}\n"
     return head + "".join(_DEFS[d] for d in defs)
 
 
-def write_fake_aiter(root: str | Path, kind: str = "unified", *, arch: str = "gfx950") -> Path:
+def write_fake_aiter(root: str | Path, kind: str = "unified", *, arch: str = "gfx950", aborts: bool = False) -> Path:
     """Write the fake ``aiter`` package of ``kind`` under ``root`` (put ``root`` on ``sys.path``).
 
     Parameters
@@ -194,6 +261,9 @@ def write_fake_aiter(root: str | Path, kind: str = "unified", *, arch: str = "gf
         One of :data:`KINDS`.
     arch : str
         ``"gfx942"`` (FP8 e4m3fnuz) or ``"gfx950"`` (FP8 e4m3fn): what ``aiter.dtypes.fp8`` reports.
+    aborts : bool
+        A failed ``AITER_CHECK`` calls ``os.abort()`` (as aiter does) instead of raising
+        :class:`AiterAbort`: for fakes run in a subprocess.
 
     Returns
     -------
@@ -215,187 +285,29 @@ def write_fake_aiter(root: str | Path, kind: str = "unified", *, arch: str = "gf
     files = {
         "__init__.py": init,
         "ops/__init__.py": "",
+        "ops/enum.py": _ENUM,
         "utility/__init__.py": "",
         "utility/dtypes.py": (
             "import torch\n\n"
             f"fp8 = torch.{str(fp8_dtype(arch)).removeprefix('torch.')}\n"
-            + ('fp4x2 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)\n' if tree.fp4 else "")
+            'fp4x2 = getattr(torch, "float4_e2m1fn_x2", torch.uint8)\n'
         ),
     }
-    if tree.enum:
-        files["ops/enum.py"] = textwrap.dedent(
-            """\
-            import enum
-
-            class QuantType(enum.IntEnum):
-                No = 0
-                per_Tensor = 1
-                per_Token = 2
-                per_1x32 = 3
-                per_1x128 = 4
-                per_128x128 = 5
-                per_256x128 = 6
-                per_1024x128 = 7
-            """
-        )
+    if tree.mx_marker:
+        files["utility/mx_types.py"] = '"""MX scale rounding modes (aiter #3212)."""\n'
     if tree.gq is not None:
         enum_import = "from .enum import QuantType\n" if "unified" in tree.gq else ""
-        files["ops/fused_qk_rmsnorm_group_quant.py"] = _module(kind, arch, tree.gq, enum_import)
+        files["ops/fused_qk_rmsnorm_group_quant.py"] = _module(kind, arch, tree.gq, aborts, enum_import)
     if tree.rope is not None:
-        files["ops/fused_qk_norm_rope_cache_quant.py"] = _module(kind, arch, tree.rope)
+        files["ops/fused_qk_norm_rope_cache_quant.py"] = _module(kind, arch, tree.rope, aborts)
     for rel, text in files.items():
         (pkg / rel).write_text(text)
     return root
 
 
-# ----------------------------------------------------------------------------- the fake kernels
-
-
-def _check(ok: bool, msg: str) -> None:
-    """aiter's C++ ``TORCH_CHECK`` surfaces as RuntimeError."""
-    if not ok:
-        raise RuntimeError(msg)
-
-
-def _raw(t: torch.Tensor, numel: int) -> torch.Tensor:
-    """The ``numel`` elements at ``t``'s data pointer, as a kernel writing by offset sees them."""
-    return torch.as_strided(t, (numel,), (1,), t.storage_offset())
-
-
-def _norms(a: dict[str, Any], residual: bool, gemma: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 ``y_q`` (and ``y_k``); writes ``q_res_out`` when ``residual``."""
-    q, k = a["q"], a["k"]
-    x = q.float()
-    if residual and a["q_residual"] is not None:
-        x = x + a["q_residual"].float()
-    y = rms_norm_fp32(x, a["q_weight"], float(a["q_epsilon"]), gemma)
-    yk = None
-    if k is not None:
-        k_eps = a["k_epsilon"] if a["k_epsilon"] is not None else a["q_epsilon"]
-        yk = rms_norm_fp32(k.float(), a["k_weight"], float(k_eps), gemma)
-    if residual and a["q_residual"] is not None:
-        a["q_res_out"].copy_(x.to(q.dtype))
-    return y, yk
-
-
-def _write_plain(a: dict[str, Any], q_out: torch.Tensor, y: torch.Tensor, yk: torch.Tensor | None) -> None:
-    q_out.copy_(y.to(a["q"].dtype))
-    if yk is not None:
-        a["k_out"].copy_(yk.to(a["q"].dtype))
-
-
-def _group(a: dict[str, Any], fp8: torch.dtype, *, no_quant: bool, gemma: bool, fp4: bool) -> None:
-    """``fused_qk_rmsnorm_group_quant`` of the given generation."""
-    gs, scale, qo = int(a["group_size"]), a["q_out_scale"], a["q_out_quantized"]
-    if scale is None:
-        if not no_quant:
-            raise TypeError("fused_qk_rmsnorm_group_quant(): argument 'q_out_scale' must be Tensor, not NoneType")
-        if a["q_out_unquantized"] is None:
-            raise ValueError("q_out_unquantized must be provided when q_out_scale is None (no-quant mode)")
-        y, yk = _norms(a, residual=False, gemma=False)  # aiter's no-quant path ignores residual and gemma
-        _write_plain(a, a["q_out_unquantized"], y, yk)
-        return
-    fp4_dtype = getattr(torch, "float4_e2m1fn_x2", torch.uint8) if fp4 else None
-    if qo.dtype not in (fp8, fp4_dtype):
-        raise ValueError(f"fused_qk_rmsnorm_group_quant currently supports fp8/fp4x2 output quant only; got {qo.dtype}")
-    m, n1 = a["q"].shape
-    groups = n1 // gs
-    _check(n1 % gs == 0, "inp1.size(1) must be divisible by group_size for group quant")
-    _check(
-        scale.dim() == 2 and tuple(scale.shape) == (m, groups), f"out1_scale shape mismatch, expected [{m}, {groups}]"
-    )
-    y, yk = _norms(a, residual=True, gemma=gemma and bool(a.get("gemma_norm")))
-    if qo.dtype == fp8:
-        _check(scale.dtype == torch.float32, "out1_scale dtype must be float32 for fp8 path")
-        codes, scales = fp8_quantize(y, gs, fp8)
-        qo.copy_(codes)
-    else:
-        _check(scale.dtype == torch.uint8, "out1_scale dtype must be uint8 for fp4x2 path")
-        _check(not a["transpose_scale"], "fp4x2 path currently does not support transpose_scale=true")
-        codes, scales = mxfp4_quantize(y, gs)
-        qo.view(torch.uint8).copy_(codes)
-    flat = scales.t().reshape(-1) if a["transpose_scale"] else scales.reshape(-1)
-    _raw(scale, m * groups).copy_(flat.to(scale.dtype))
-    if a["q_out_unquantized"] is not None:
-        a["q_out_unquantized"].copy_(y.to(a["q"].dtype))
-    if yk is not None:
-        a["k_out"].copy_(yk.to(a["q"].dtype))
-
-
-def _per_token(a: dict[str, Any], fp8: torch.dtype) -> None:
-    qo, scale = a["q_out_quantized"], a["q_out_scale"]
-    if qo.dtype != fp8:
-        raise ValueError(f"fused_qk_rmsnorm_per_token_quant currently supports fp8 output quant only; got {qo.dtype}")
-    if scale.dim() != 2 or scale.size(1) != 1:
-        raise ValueError("fused_qk_rmsnorm_per_token_quant expects q_out_scale with shape [m, 1]")
-    y, yk = _norms(a, residual=True, gemma=bool(a["gemma_norm"]))
-    codes, scales = fp8_quantize(y, y.shape[1], fp8)
-    qo.copy_(codes)
-    _raw(scale, y.shape[0]).copy_(scales.reshape(-1))
-    if a["q_out_unquantized"] is not None:
-        a["q_out_unquantized"].copy_(y.to(a["q"].dtype))
-    if yk is not None:
-        a["k_out"].copy_(yk.to(a["q"].dtype))
-
-
-def _unified(a: dict[str, Any], fp8: torch.dtype) -> None:
-    qt = int(a["quant_type"])
-    if qt == 0:
-        # aiter's No mode: the normalized q goes to q_out_quantized; q_residual, gemma_norm and
-        # q_out_unquantized are ignored (SPEC §6).
-        y, yk = _norms(a, residual=False, gemma=False)
-        _write_plain(a, a["q_out_quantized"], y, yk)
-        return
-    if qt == 1:
-        raise NotImplementedError("fused_qk_rmsnorm: per_Tensor quantization is not implemented")
-    if qt == 2:
-        _per_token(a, fp8)
-        return
-    group_size = a["group_size"] if a["group_size"] is not None else (32 if qt == 3 else 128)
-    _group({**a, "group_size": group_size}, fp8, no_quant=True, gemma=True, fp4=True)
-
-
-def _plain_qk(a: dict[str, Any], q_out: torch.Tensor | None, k_out: torch.Tensor | None) -> tuple[Any, Any]:
-    q, k = a["q"], a["k"]
-    if not isinstance(k, torch.Tensor):
-        raise TypeError(f"fused_qk_rmsnorm(): argument 'k' must be Tensor, not {type(k).__name__}")
-    y = rms_norm_fp32(q.float(), a["q_weight"], float(a["q_eps"]), False)
-    yk = rms_norm_fp32(k.float(), a["k_weight"], float(a["k_eps"]), False)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
-    q_out.copy_(y.to(q.dtype))
-    k_out.copy_(yk.to(k.dtype))
-    return q_out, k_out
-
-
-_ENTRIES: dict[str, Callable[[dict[str, Any], torch.dtype], Any]] = {
-    "unified": _unified,
-    "group_quant_v14": lambda a, fp8: _group(a, fp8, no_quant=True, gemma=True, fp4=True),
-    "group_quant_v13": lambda a, fp8: _group(a, fp8, no_quant=False, gemma=True, fp4=True),
-    "group_quant_v12": lambda a, fp8: _group(a, fp8, no_quant=False, gemma=False, fp4=False),
-    "per_token": _per_token,
-    "private": lambda a, fp8: _plain_qk(a, a["q_out"], a["k_out"]),
-    "legacy": lambda a, fp8: _plain_qk(a, None, None),
-}
-
-
-_VECTOR_ARGS = ("q", "k", "q_residual", "q_weight", "k_weight", "q_out", "k_out", "q_res_out", "q_out_quantized",
-                "q_out_unquantized")  # fmt: skip
-
-
-def _check_alignment(args: dict[str, Any]) -> None:
-    """aiter's kernels move 16-byte vectors: a base or row stride off 16 bytes is refused, not read wrong."""
-    for name in _VECTOR_ARGS:
-        t = args.get(name)
-        if isinstance(t, torch.Tensor) and t.numel():
-            row_bytes = t.stride(0) * t.element_size() if t.dim() == 2 and t.shape[0] > 1 else 0
-            _check(t.data_ptr() % 16 == 0 and row_bytes % 16 == 0, f"fake aiter: {name} is not 16-byte aligned")
-
-
-def call(kind: str, arch: str, entry: str, args: dict[str, Any]) -> Any:
+def call(kind: str, arch: str, entry: str, args: dict[str, Any], aborts: bool = False) -> Any:
     """Run fake aiter entry ``entry`` of ``kind`` with its bound arguments (called by the fake package)."""
     _CALLS.append(entry)
-    _check_alignment(args)
     if kind == "runtime_error":
         raise RuntimeError("HIP error: invalid device function (fake aiter)")
     if kind == "jit_build_failure":
@@ -405,7 +317,8 @@ def call(kind: str, arch: str, entry: str, args: dict[str, Any]) -> Any:
             raise RuntimeError(
                 "[aiter] build [module_fused_qk_rmsnorm_group_quant] under /tmp/aiter/jit/build failed !!!!!!"
             ) from exc
-    return _ENTRIES[entry](dict(args), fp8_dtype(arch))
+    rules = dataclasses.replace(_TREES[kind].rules, truncate_bf16=arch.startswith("gfx94"))
+    return ENTRIES[entry](dict(args), fp8_dtype(arch), rules, aborts)
 
 
 # ----------------------------------------------------------------------------- installing
@@ -441,7 +354,9 @@ def _pop_aiter_modules() -> dict[str, Any]:
 
 
 @contextmanager
-def install(kind: str = "unified", *, arch: str = "gfx950", cpu: bool = True) -> Iterator[FakeAiter]:
+def install(
+    kind: str = "unified", *, arch: str = "gfx950", cpu: bool = True, aborts: bool = False
+) -> Iterator[FakeAiter]:
     """Make a fake aiter of ``kind`` importable as ``aiter`` for the duration of the block.
 
     Parameters
@@ -454,6 +369,9 @@ def install(kind: str = "unified", *, arch: str = "gfx950", cpu: bool = True) ->
         Also let qknorm's ``aiter`` backend serve CPU tensors and make it eligible on the CPU in
         the default priority (both test hooks of :mod:`qknorm.backends.registry`), so qknorm
         calls reach the fake. Production never routes CPU tensors to aiter.
+    aborts : bool
+        A failed ``AITER_CHECK`` aborts the process (run such tests in a subprocess); by default
+        it raises :class:`AiterAbort`.
 
     Yields
     ------
@@ -468,7 +386,7 @@ def install(kind: str = "unified", *, arch: str = "gfx950", cpu: bool = True) ->
     previous_factory: Callable[[], Any] | None = None
     previous_policy: registry.Policy | None = None
     try:
-        write_fake_aiter(root, kind, arch=arch)
+        write_fake_aiter(root, kind, arch=arch, aborts=aborts)
         sys.path.insert(0, str(root))
         importlib.invalidate_caches()
         if cpu:
