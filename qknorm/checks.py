@@ -13,7 +13,6 @@ was expected and what was given.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .core.aliasing import AliasCheck
+from .core.checks import check_bool, check_eps, check_tensor
 from .core.signature import TensorSpec, tensor_key
 from .quant import FP8_DTYPES, MXFP4_GROUP_SIZES, QuantMode, is_e8m0_dtype, is_fp4_dtype
 from .request import QKNormPlan, QKNormRequest, ScaleView
@@ -32,8 +32,6 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16)
 # Widest row qknorm accepts (q or k). aiter stops at 8192; the reference has no limit, the
 # Triton kernels loop over column chunks, and 65536 keeps a row's fp32 sum of squares exact enough.
 MAX_WIDTH = 65536
-_FP32_MIN_NORMAL = 2.0**-126
-_FP32_MAX = (2.0 - 2.0**-23) * 2.0**127
 
 # The fields the operator writes, and the in-place forms it supports (exactly the same view).
 OUTPUTS = frozenset({"k_out", "q_res_out", "q_out", "q_out_quantized", "q_out_scale"})
@@ -43,40 +41,6 @@ Names = Mapping[str, str]
 
 
 # ----------------------------------------------------------------------------- small checks
-
-
-def _tensor(name: str, t: object) -> Any:
-    cls = t.cls if isinstance(t, TensorSpec) else type(t)
-    if not issubclass(cls, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {cls.__name__}")
-    if isinstance(t, torch.Tensor) and t.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got a nested tensor")
-    if t.layout != torch.strided:  # type: ignore[attr-defined]  # sparse/jagged tensors have no usable strides
-        kind = "a nested tensor" if t.layout == torch.jagged else f"layout {t.layout}"  # type: ignore[attr-defined]
-        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got {kind}")
-    return t
-
-
-def check_eps(name: str, eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name} must be a positive finite float, got {type(eps).__name__}")
-    value = float(eps)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
-    if not (_FP32_MIN_NORMAL <= value <= _FP32_MAX):
-        # eps is added in fp32: below the smallest normal float32 it rounds (or, in FTZ kernels,
-        # flushes) to 0, and an all-zero row then gives 0 * rsqrt(0) = NaN; above it, inf.
-        raise ValueError(
-            f"{name} must be a normal float32 in [{_FP32_MIN_NORMAL:.6g}, {_FP32_MAX:.6g}] (it is added in fp32), "
-            f"got {value!r}"
-        )
-    return value
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _check_device(name: str, t: Any, device: torch.device) -> None:
@@ -99,7 +63,7 @@ def _check_rows(name: str, t: Any, m: int, n: int, dtype: torch.dtype | tuple[to
 
 
 def _check_output(name: str, t: Any, m: int, n: int, dtype: Any, device: torch.device) -> Any:
-    t = _tensor(name, t)
+    t = check_tensor(name, t)
     _check_rows(name, t, m, n, dtype)
     _check_device(name, t, device)
     return t
@@ -111,7 +75,7 @@ def _check_width(name: str, n: int) -> None:
 
 
 def _check_weight(name: str, w: Any, n: int, dtype: torch.dtype, device: torch.device) -> Any:
-    w = _tensor(name, w)
+    w = check_tensor(name, w)
     if w.dtype != dtype:
         raise TypeError(f"{name} must have the input dtype {dtype}, got {w.dtype}")
     if w.dim() != 1 or w.shape[0] != n:
@@ -148,7 +112,7 @@ def _pair(names: tuple[str, ...], given: tuple[bool, ...]) -> None:
 
 
 def _check_q(q: Any) -> Any:
-    q = _tensor("q", q)
+    q = check_tensor("q", q)
     if q.dtype not in INPUT_DTYPES:
         raise TypeError(f"q must have dtype torch.float16 or torch.bfloat16, got {q.dtype}")
     if q.dim() != 2:
@@ -166,7 +130,7 @@ def _check_k(call: Mapping[str, Any], m: int, dtype: torch.dtype, device: torch.
     _pair(("k", "k_weight", "k_out"), (k is not None, k_weight is not None, k_out is not None))
     if k is None:
         return
-    k = _tensor("k", k)
+    k = check_tensor("k", k)
     if k.dim() != 2:
         raise ValueError(f"k must be 2-D [m, n2], got shape {list(k.shape)}")
     if k.dtype != dtype:
@@ -269,7 +233,7 @@ def _check_quantized(call: Mapping[str, Any], mode: QuantMode, m: int, n1: int, 
     if quant is None or scale is None:
         absent = "q_out_quantized" if quant is None else "q_out_scale"
         raise ValueError(f"{absent} must be given for {mode.value} quantization")
-    quant, scale = _tensor("q_out_quantized", quant), _tensor("q_out_scale", scale)
+    quant, scale = check_tensor("q_out_quantized", quant), check_tensor("q_out_scale", scale)
     _check_device("q_out_quantized", quant, device)
     _check_device("q_out_scale", scale, device)
     if transpose and mode is not QuantMode.FP8_GROUP:
@@ -304,8 +268,8 @@ def plan(call: Mapping[str, Any], display: Names | None = None, *, aliasing: boo
     _check_weight("q_weight", call["q_weight"], n1, dtype, device)
     q_eps = check_eps("q_epsilon", call["q_epsilon"])
     k_eps = q_eps if call["k_epsilon"] is None else check_eps("k_epsilon", call["k_epsilon"])
-    gemma = _check_bool("gemma_norm", call["gemma_norm"])
-    transpose = _check_bool("transpose_scale", call["transpose_scale"])
+    gemma = check_bool("gemma_norm", call["gemma_norm"])
+    transpose = check_bool("transpose_scale", call["transpose_scale"])
     mode = _check_mode(call["quant_mode"])
     _check_k(call, m, dtype, device)
     _check_residual(call, m, n1, dtype, device)

@@ -32,7 +32,6 @@ memory to compare), so a bad call fails at trace time with the same message.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,8 +39,7 @@ import torch
 
 from .backends.registry import run_request
 from .checks import OUTPUTS, plan
-from .core.library import define_op
-from .core.pipeline import Pipeline
+from .core.library import define_operator, traced
 
 __all__ = ["OP_NAME", "FIELDS", "SLOT", "MUTATED", "call_args", "submit", "PIPELINE"]
 
@@ -100,43 +98,12 @@ def call_args(
             group_size, q_out, q_out_quantized, q_out_scale, transpose_scale)  # fmt: skip
 
 
-_PARAMS = inspect.signature(call_args).parameters
-FIELDS = tuple(_PARAMS)
+def _run(args: tuple[Any, ...]) -> None:
+    run_request(PIPELINE.request(args))
+
+
+FIELDS, MUTATED, PIPELINE, _op = define_operator(OP_NAME.split("::")[1], call_args, OUTPUTS, plan, _run)
 SLOT = {name: i for i, name in enumerate(FIELDS)}  # field name -> position in a call's tuple
-MUTATED = tuple(n for n in FIELDS if n in OUTPUTS)
-PIPELINE = Pipeline(FIELDS, frozenset(n for n, p in _PARAMS.items() if "Tensor" in str(p.annotation)), plan)
-
-
-_DEFAULTS = tuple(p.default for p in _PARAMS.values())
-
-
-def _complete(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """The full argument tuple of a dispatched call (the dispatcher may drop trailing defaults)."""
-    full = args + _DEFAULTS[len(args) :]
-    if kwargs:
-        full = tuple(kwargs.get(name, value) for name, value in zip(FIELDS, full))
-    return full
-
-
-def _impl(*args: Any, **kwargs: Any) -> None:
-    run_request(PIPELINE.request(_complete(args, kwargs)))
-
-
-def _fake(*args: Any, **kwargs: Any) -> None:
-    plan(dict(zip(FIELDS, _complete(args, kwargs))), aliasing=False)
-
-
-def _schema_of(fn: Any) -> Any:
-    """A stand-in with ``fn``'s parameters and no result: the op's schema (the op returns nothing)."""
-
-    def op(*args: Any) -> None: ...
-
-    op.__signature__ = inspect.signature(fn).replace(return_annotation=None)  # type: ignore[attr-defined]
-    return op
-
-
-_op = define_op(OP_NAME.split("::")[1], _schema_of(call_args), frozenset(MUTATED), _impl, _fake)
-_dispatch_depth = torch._C._len_torch_dispatch_stack
 
 
 def submit(args: tuple[Any, ...], display: Mapping[str, str] | None = None) -> None:
@@ -145,8 +112,7 @@ def submit(args: tuple[Any, ...], display: Mapping[str, str] | None = None) -> N
     ``display`` names fields as the caller knows them in error messages (eager validation; the
     fake kernel that validates while tracing speaks of the op's own fields).
     """
-    q = args[0]
-    if torch.compiler.is_compiling() or _dispatch_depth() or (q.__class__ is not torch.Tensor and isinstance(q, torch.Tensor)):
+    if traced(args[0]):
         _op(*args)
         return
     run_request(PIPELINE.request(args, display))

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..checks import check_eps
 from ..core.aliasing import AliasCheck
+from ..core.checks import check_bool, check_eps, check_tensor
 from ..core.pipeline import specs_or_values
 from ..core.signature import TensorSpec
 from ..quant import FP8_DTYPES, native_fp8_dtype
@@ -49,25 +49,6 @@ IN_PLACE = frozenset({("q_out", "q"), ("k_out", "k")})
 
 
 # ----------------------------------------------------------------------------- small checks
-
-
-def _tensor(name: str, t: Any) -> Any:
-    """A tensor argument as a spec (or a tensor): a dense strided torch.Tensor."""
-    cls = t.cls if isinstance(t, TensorSpec) else type(t)
-    if not issubclass(cls, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {cls.__name__}")
-    if isinstance(t, torch.Tensor) and t.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got a nested tensor")
-    if t.layout != torch.strided:  # type: ignore[attr-defined]  # no usable strides
-        kind = "a nested tensor" if t.layout == torch.jagged else f"layout {t.layout}"  # type: ignore[attr-defined]
-        raise TypeError(f"{name} must be a dense (strided) torch.Tensor, got {kind}")
-    return t
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _dtype(name: str, t: Any, dtypes: tuple[torch.dtype, ...], what: str = "") -> None:
@@ -115,7 +96,7 @@ def _heads(name: str, t: Any, device: torch.device, dtypes: tuple[torch.dtype, .
 def _weight(name: str, w: Any, d: int, dtype: torch.dtype, device: torch.device) -> bool:
     if w is None:
         return False
-    w = _tensor(name, w)
+    w = check_tensor(name, w)
     _dtype(name, w, (dtype,), " (q's dtype)")
     _shape(name, w, (d,), "[D]")
     _last_contiguous(name, w)
@@ -124,7 +105,7 @@ def _weight(name: str, w: Any, d: int, dtype: torch.dtype, device: torch.device)
 
 
 def _index(name: str, t: Any, n: int, device: torch.device) -> Any:
-    t = _tensor(name, t)
+    t = check_tensor(name, t)
     _dtype(name, t, INDEX_DTYPES)
     _shape(name, t, (n,), "[T]")
     _device(name, t, device)
@@ -133,7 +114,7 @@ def _index(name: str, t: Any, n: int, device: torch.device) -> Any:
 
 def _scale(name: str, s: Any, heads: tuple[int, ...], device: torch.device) -> int:
     """A float32 ``[1]`` (or ``[Hk]``) device tensor; returns its element count."""
-    s = _tensor(name, s)
+    s = check_tensor(name, s)
     _dtype(name, s, (torch.float32,))
     if s.dim() != 1 or s.shape[0] not in heads:
         want = " or ".join(f"[{h}]" for h in dict.fromkeys(heads))
@@ -146,7 +127,7 @@ def _scale(name: str, s: Any, heads: tuple[int, ...], device: torch.device) -> i
 
 
 def _check_qk(q: Any, k: Any) -> tuple[Any, Any]:
-    q, k = _tensor("q", q), _tensor("k", k)
+    q, k = check_tensor("q", q), check_tensor("k", k)
     _dtype("q", q, INPUT_DTYPES)
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [T, Hq, D], got shape {list(q.shape)}")
@@ -175,7 +156,7 @@ def _check_rope(cos_sin_cache: Any, positions: Any, t: int, d: int, q: Any) -> t
         raise ValueError(f"cos_sin_cache and positions come together: got {given} without the other")
     if cos_sin_cache is None:
         return 0, 0, None
-    table = _tensor("cos_sin_cache", cos_sin_cache)
+    table = check_tensor("cos_sin_cache", cos_sin_cache)
     _dtype("cos_sin_cache", table, tuple(dict.fromkeys((torch.float32, q.dtype))))
     if table.dim() != 2:
         raise ValueError(f"cos_sin_cache must be 2-D [max_pos, R], got shape {list(table.shape)}")
@@ -201,7 +182,7 @@ def _check_cache(v: Any, k_cache: Any, v_cache: Any, slot_mapping: Any,
         have = ", ".join(n for n, g in given.items() if g)
         missing = ", ".join(n for n, g in given.items() if not g)
         raise ValueError(f"v, k_cache, v_cache and slot_mapping come together: got {have} without {missing}")
-    v, kc, vc = _tensor("v", v), _tensor("k_cache", k_cache), _tensor("v_cache", v_cache)
+    v, kc, vc = check_tensor("v", v), check_tensor("k_cache", k_cache), check_tensor("v_cache", v_cache)
     if v.dim() != 3:
         raise ValueError(f"v must be 3-D [T, Hk, Dv], got shape {list(v.shape)}")
     dv = v.shape[2]
@@ -245,7 +226,7 @@ def _check_outputs(q_out: Any, k_out: Any, q_scale: Any, q: Any, hk: int) -> tor
         if q_out is None:
             out_dtype = native_fp8_dtype(q.device)  # what an allocated FP8 q_out gets
     if q_out is not None:
-        q_out = _tensor("q_out", q_out)
+        q_out = check_tensor("q_out", q_out)
         if q_scale is not None:
             _dtype("q_out", q_out, FP8_DTYPES, " (q_scale quantizes q)")
             out_dtype = q_out.dtype
@@ -253,7 +234,7 @@ def _check_outputs(q_out: Any, k_out: Any, q_scale: Any, q: Any, hk: int) -> tor
             _dtype("q_out", q_out, (q.dtype,), " (q's dtype; FP8 needs q_scale)")
         _heads("q_out", q_out, q.device, (out_dtype,), (t, hq, d), "[T, Hq, D]", written=True)
     if k_out is not None:
-        k_out = _tensor("k_out", k_out)
+        k_out = check_tensor("k_out", k_out)
         _heads("k_out", k_out, q.device, (q.dtype,), (t, hk, d), "[T, Hk, D]", written=True)
     return out_dtype
 
@@ -292,8 +273,8 @@ def plan(call: Mapping[str, Any], display: Mapping[str, str] | None = None, *, a
         dv=dv, block_size=bs, num_slots=slots, cache_dtype=cache_dtype, k_scale_heads=ks, v_scale_heads=vs,
         q_out_dtype=out_dtype, alloc_q_out=q_out is None, alloc_k_out=k_out is None and cache_dtype is None,
         write_k_out=k_out is not None or cache_dtype is None, has_q_weight=has_qw, has_k_weight=has_kw,
-        is_neox=_bool("is_neox", call["is_neox"]), gemma=_bool("gemma_norm", call["gemma_norm"]), q_eps=q_eps,
-        k_eps=k_eps, check_indices=_bool("check_indices", call["check_indices"]),
+        is_neox=check_bool("is_neox", call["is_neox"]), gemma=check_bool("gemma_norm", call["gemma_norm"]), q_eps=q_eps,
+        k_eps=k_eps, check_indices=check_bool("check_indices", call["check_indices"]),
         aliasing=AliasCheck(names, specs, OUTPUTS, IN_PLACE), slot={n: i for i, n in enumerate(names)},
     )  # fmt: skip
 

@@ -16,15 +16,13 @@ fails at trace time with the same message.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..backends.registry import lazy, register_operator, run_request
-from ..core.library import define_op
-from ..core.pipeline import Pipeline
+from ..core.library import define_operator, traced
 from .checks import OUTPUTS, check_indices, plan
 from .request import RopePlan
 
@@ -65,12 +63,6 @@ def call_args(
             k_out, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale, check_indices)  # fmt: skip
 
 
-_PARAMS = inspect.signature(call_args).parameters
-FIELDS = tuple(_PARAMS)
-MUTATED = tuple(n for n in FIELDS if n in OUTPUTS)
-PIPELINE = Pipeline(FIELDS, frozenset(n for n, p in _PARAMS.items() if "Tensor" in str(p.annotation)), plan)
-_DEFAULTS = tuple(p.default for p in _PARAMS.values())
-
 register_operator(OP, {
     "triton": lazy(".rope.triton_launch", "RopeTritonBackend"),
     "torch": lazy(".rope.torch_backend", "RopeTorchBackend"),
@@ -90,44 +82,11 @@ def execute(p: RopePlan, args: Sequence[Any]) -> str:
     return run_request(req)
 
 
-def _complete(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """The full argument tuple of a dispatched call (the dispatcher may drop trailing defaults)."""
-    full = args + _DEFAULTS[len(args) :]
-    if kwargs:
-        full = tuple(kwargs.get(name, value) for name, value in zip(FIELDS, full))
-    return full
+def _run(args: tuple[Any, ...]) -> None:
+    execute(PIPELINE.plan(args), args)  # type: ignore[arg-type]
 
 
-def _impl(*args: Any, **kwargs: Any) -> None:
-    full = _complete(args, kwargs)
-    execute(PIPELINE.plan(full), full)  # type: ignore[arg-type]
-
-
-def _fake(*args: Any, **kwargs: Any) -> None:
-    plan(dict(zip(FIELDS, _complete(args, kwargs))), aliasing=False)
-
-
-def _schema_of(fn: Any) -> Any:
-    """A stand-in with ``fn``'s parameters and no result: the op's schema (the op returns nothing)."""
-
-    def op(*args: Any) -> None: ...
-
-    op.__signature__ = inspect.signature(fn).replace(return_annotation=None)  # type: ignore[attr-defined]
-    return op
-
-
-_op = define_op(OP, _schema_of(call_args), frozenset(MUTATED), _impl, _fake)
-_dispatch_depth = torch._C._len_torch_dispatch_stack
-
-
-def traced(q: object) -> bool:
-    """Whether a call must go through the dispatcher: torch.compile tracing, fake or functional
-    tensors, or an active ``TorchDispatchMode``; plain eager calls skip it."""
-    return bool(
-        torch.compiler.is_compiling()
-        or _dispatch_depth()
-        or (q.__class__ is not torch.Tensor and isinstance(q, torch.Tensor))
-    )
+FIELDS, MUTATED, PIPELINE, _op = define_operator(OP, call_args, OUTPUTS, plan, _run)
 
 
 def call_op(args: tuple[Any, ...]) -> None:
