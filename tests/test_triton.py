@@ -36,7 +36,7 @@ triton = pytest.importorskip("triton")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from qknorm.backends import triton_kernels as tk  # noqa: E402  (after the interpreter choice)
+from qknorm.backends import triton_quant_kernels as tq  # noqa: E402  (after the interpreter choice)
 
 tl = triton.language
 ON_GPU = DEVICE.type == "cuda"
@@ -63,9 +63,9 @@ def _encode_kernel(X_PTR, FP8_PTR, BF16_PTR, E2M1_PTR, n, FNUZ: tl.constexpr, NA
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X_PTR + offs, mask=mask, other=0.0)
-    tl.store(FP8_PTR + offs, tk._fp8_code(x, FNUZ, NATIVE and not FNUZ), mask=mask)
-    tl.store(BF16_PTR + offs, tk._to_out(x, BF16_PTR, NATIVE), mask=mask)
-    tl.store(E2M1_PTR + offs, tk._e2m1_code(x).to(tl.uint8), mask=mask)
+    tl.store(FP8_PTR + offs, tq._fp8_code(x, FNUZ, NATIVE and not FNUZ), mask=mask)
+    tl.store(BF16_PTR + offs, tq._to_out(x, BF16_PTR, NATIVE), mask=mask)
+    tl.store(E2M1_PTR + offs, tq._e2m1_code(x).to(tl.uint8), mask=mask)
 
 
 def _probe_values(fmax: float) -> torch.Tensor:
@@ -116,12 +116,33 @@ def test_encoders_match_torch_casts_bit_for_bit(fp8: torch.dtype, native: bool) 
 
 
 @triton.jit
+def _fnuz_kernel(X_PTR, OUT_PTR, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(OUT_PTR + offs, tq._fnuz_from_fn(tl.load(X_PTR + offs, mask=mask, other=0.0) * 2.0), mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not NATIVE, reason="needs the hardware e4m3fn conversion (CUDA)")
+def test_gpu_fnuz_from_the_hardware_fn_conversion_bit_for_bit() -> None:
+    """e4m3fnuz bytes made from the hardware e4m3fn conversion of 2v: every probe value, as torch's cast."""
+    fp8 = torch.float8_e4m3fnuz
+    x = _probe_values(FP8_FORMATS[fp8].fmax).to(DEVICE)
+    codes = torch.empty(x.numel(), dtype=torch.uint8, device=DEVICE)
+    _fnuz_kernel[(triton.cdiv(x.numel(), 1024),)](x, codes, x.numel(), BLOCK=1024)
+    x, codes = x.cpu(), codes.cpu()
+    expected = x.to(fp8).view(torch.uint8)
+    bad = codes != expected
+    assert not bad.any(), f"fnuz codes differ for {x[bad][:8].tolist()}: {codes[bad][:8].tolist()}"
+
+
+@triton.jit
 def _quotient_kernel(Y_PTR, D_PTR, OUT_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     y = tl.load(Y_PTR + offs, mask=mask, other=1.0)
     d = tl.load(D_PTR + offs, mask=mask, other=1.0)
-    tl.store(OUT_PTR + offs, tk._quotient(y, d, FMA), mask=mask)
+    tl.store(OUT_PTR + offs, tq._quotient(y, d, FMA), mask=mask)
 
 
 def _quotients(y: torch.Tensor, d: torch.Tensor, fma: bool) -> torch.Tensor:
@@ -143,10 +164,17 @@ def _assert_ieee_quotients(actual: torch.Tensor, y: torch.Tensor, d: torch.Tenso
 
 @pytest.mark.parametrize("fma", [False, True], ids=["div_rn", "fma"])
 def test_quotient_of_exact_and_special_values_keeps_signs(fma: bool) -> None:
-    """Exact quotients (signed zeros included), infinite and NaN divisors: the bits of y / d."""
+    """Exact quotients (signed zeros included), infinite and NaN divisors: the bits of y / d.
+
+    The kernels divide y by the scale of a group that y belongs to, so |y / d| <= FMAX (1 + 2^-22)
+    or d is infinite or NaN (amax = inf or NaN): pairs outside that domain (inf / 1) are not asked.
+    """
     ys = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 448.0, -448.0, 2.0**-120, -(2.0**-120), math.inf, math.nan])
     ds = torch.tensor([1.0, 2.0, 0.5, 0.25, 2.0**-40, math.inf, math.nan])
     y, d = ys.repeat_interleave(len(ds)), ds.repeat(len(ys))
+    domain = ~torch.isfinite(d) | torch.isnan(y) | (y.abs() <= 464 * d)
+    y, d = y[domain], d[domain]
+    assert len(y) > 40
     _assert_ieee_quotients(_quotients(y, d, fma), y, d)
 
 
@@ -515,4 +543,4 @@ def test_row_and_program_counts_are_never_specialized() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert {"M", "q_programs", "k_programs", "amax_count"} <= set(ast.literal_eval(out.stdout))
+    assert {"M", "q_programs", "amax_count"} <= set(ast.literal_eval(out.stdout))

@@ -1,0 +1,192 @@
+"""Number encoders of the Triton kernels (SPEC §4 rules 4, 6, 7, 11, 12): ``@triton.jit`` code only.
+
+Every helper is exact: the outputs are the bits torch's casts and :mod:`qknorm.reference` give.
+Conversions that the target does natively with round-to-nearest-even (fp32 -> bf16 and
+fp32 -> e4m3fn on NVIDIA sm_89+) use the hardware; everything else (the interpreter, ROCm,
+e4m3fnuz without a native e4m3fn conversion) uses the integer encoders here, which are plain
+Triton and run on any target.
+
+Instruction counts matter here: at M = 65536 the quantizing kernels issue one instruction per
+element and per byte moved, or close to it, so each encoder below is written to its shortest
+exact form (counts are per element, from the SASS of the compiled kernel on sm_90).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import triton
+import triton.language as tl
+
+# Bits of fl32(1e-10), the amax floor (SPEC §4 rule 6), and fl32(1e-10), fl32(1/6) (rule 11).
+AMAX_FLOOR = tl.constexpr(struct.unpack("<f", struct.pack("<f", 1e-10))[0])
+MXFP4_INV_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<f", 1.0 / 6.0))[0])
+FLT_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0])
+
+# How FP8 codes are produced (compile-time FP8_ENC).
+FP8_SOFT_FN = tl.constexpr(0)  # integer encoder, e4m3fn
+FP8_SOFT_FNUZ = tl.constexpr(1)  # integer encoder, e4m3fnuz
+FP8_HW_FN = tl.constexpr(2)  # the hardware's saturating e4m3fn conversion
+FP8_HW_FNUZ = tl.constexpr(3)  # e4m3fnuz from the hardware e4m3fn conversion of 2 * v (see _fp8_codes)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (torch.amax does): ``max.NaN.f32`` on NVIDIA, one instruction."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(y, axis: tl.constexpr, keep_dims: tl.constexpr):
+    """``max(1e-10, max |y|)`` along ``axis`` (all axes if None), NaN-propagating (rule 6)."""
+    if axis is None:
+        a = tl.reduce(tl.abs(y), None, _max_nan)
+    else:
+        a = tl.reduce(tl.abs(y), axis, _max_nan, keep_dims=keep_dims)
+    return _max_nan(a, AMAX_FLOOR)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 with round-to-nearest-even in integer arithmetic (NaN stays NaN)."""
+    b = x.to(tl.int32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, b | 0x400000, r)
+    return (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_out(x, OUT_PTR, NATIVE: tl.constexpr):
+    """fp32 -> the output's element type (fp16 or bf16) with round-to-nearest-even."""
+    if OUT_PTR.dtype.element_ty == tl.bfloat16:
+        if NATIVE:
+            return x.to(tl.bfloat16)
+        else:
+            return _bf16_rne(x)
+    else:
+        return x.to(OUT_PTR.dtype.element_ty)
+
+
+@triton.jit
+def _fp8_code(v, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 ``v`` (|v| < 464 for e4m3fn, < 248 for e4m3fnuz, or NaN) -> FP8 byte, RNE, as torch's casts.
+
+    Out of that range torch saturates; the kernels never get there (|y / scale| <= FMAX (1 + 2^-22),
+    see :func:`_quotient`), so no clamp is spent. Software path: normals round the fp32
+    significand to 3 bits in integer arithmetic; subnormals are rounded by the FPU itself by
+    adding a power of two whose ulp is the FP8 subnormal step (2^-9 for e4m3fn: 2^14; 2^-10 for
+    e4m3fnuz: 2^13), the integer difference of the bits then being the code (code 8 is the
+    smallest normal, as it should be). e4m3fn keeps the sign of zero and encodes NaN as
+    0x7F|sign; e4m3fnuz has no negative zero and 0x80 is NaN.
+    """
+    if NATIVE:
+        return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        b = v.to(tl.int32, bitcast=True)
+        a = b & 0x7FFFFFFF
+        sign = (b >> 24) & 0x80
+        mag = a.to(tl.float32, bitcast=True)
+        if FNUZ:
+            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 8) << 3)
+            sub = (mag + 8192.0).to(tl.int32, bitcast=True) - 0x46000000
+            code = tl.where(a < 0x3C000000, sub, normal)  # 2^-7: smallest e4m3fnuz normal
+            code = tl.where(code == 0, 0, code | sign)
+            code = tl.where(a > 0x7F800000, 0x80, code)
+        else:
+            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+            sub = (mag + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
+            code = tl.where(a < 0x3C800000, sub, normal)  # 2^-6: smallest e4m3fn normal
+            code = tl.where(a > 0x7F800000, 0x7F, code) | sign
+        return code.to(tl.uint8)
+
+
+@triton.jit
+def _fnuz_from_fn(v2):
+    """e4m3fnuz byte of ``v = v2 / 2`` from the hardware e4m3fn conversion of ``v2`` (3-4 instructions).
+
+    e4m3fnuz is e4m3fn with the exponent bias one higher, so the fnuz bits of v are the fn bits
+    of 2v, normals and subnormals alike, up to fn's saturation: 2v in (464, 480] (v in (232, 240])
+    is fnuz's largest code 0x7F where fn saturates to 0x7E. fnuz has no negative zero (fn's 0x80
+    becomes 0x00) and its NaN is 0x80.
+    """
+    c = v2.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    c = tl.where(tl.abs(v2) > 464.0, c | 0x7F, c)
+    c = tl.where(c == 0x80, 0, c)
+    c = tl.where(v2 != v2, 0x80, c)
+    return c.to(tl.uint8)
+
+
+@triton.jit
+def _div(a, b):
+    """IEEE a / b with broadcasting (``div_rn`` itself does not broadcast)."""
+    a, b = tl.broadcast(a, b)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _quotient(y, d, FMA: tl.constexpr):
+    """y / d correctly rounded for a divisor d >= 2^-43 shared by many y (broadcast from a smaller shape).
+
+    With a fused multiply-add, Markstein's correction of q0 = y * RN(1/d): r' = q0*d - y is
+    exact and RN(q0 - r' * RN(1/d)) = RN(y/d) (q0 is within 1 ulp; no over/underflow since
+    |y/d| <= FMAX (1 + 2^-22) and the divisor is normal). Three instructions per element
+    (FMUL, FFMA, FFMA) and one IEEE division per divisor: ``div_rn`` per element branches to a
+    slow path and serializes the row. Signs and special values come out as IEEE's without a
+    select: y = +-0 gives q0 = +-0, r' = +0 and q0 - (+0) * rcp = q0 with its sign; y NaN gives
+    NaN; an infinite divisor (amax = inf) gives rcp = 0, and d is clamped to FLT_MAX in the
+    residual so that r' = -y stays finite and y*0 + q0 = +-0 (NaN for y = +-inf), IEEE's y / inf.
+    Without FMA (the interpreter rounds the product): ``div_rn``.
+    """
+    if FMA:
+        rcp = _div(tl.full(d.shape, 1.0, tl.float32), d)
+        dc = tl.minimum(d, FLT_MAX)  # NaN stays NaN: rcp is NaN then and so is every quotient
+        q0 = y * rcp
+        # x * -1.0 is IEEE negation (the compiler folds it into the FMA); Triton's unary minus is
+        # 0 - x, which turns -0 into +0.
+        r = tl.fma(q0, dc, y * -1.0)
+        return tl.fma(r * -1.0, rcp, q0)
+    else:
+        return _div(y, d)
+
+
+@triton.jit
+def _fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
+    """Rule 7: FP8 bytes of fp8_rne(clamp(y / scale, -FMAX, FMAX)) (NaN kept), ``scale`` broadcast.
+
+    |y| <= amax and scale = fl32(amax * fl32(1/FMAX)), so |y / scale| <= FMAX (1 + 2^-22),
+    which every encoder here rounds to +-FMAX: the clamp is implied (and the hardware
+    conversion saturates anyway).
+    """
+    if FP8_ENC == FP8_HW_FNUZ:
+        return _fnuz_from_fn(_quotient(y, scale * 0.5, FMA))  # y / (scale/2) = 2 (y / scale) exactly
+    else:
+        return _fp8_code(_quotient(y, scale, FMA), FP8_ENC == FP8_SOFT_FNUZ, FP8_ENC == FP8_HW_FN)
+
+
+@triton.jit
+def _e8m0(amax):
+    """Rule 11: E8M0 exponent byte e of ceil_pow2(fl32(amax * fl32(1/6))) (int32) and the fp32 2^(127-e)."""
+    t = (amax * MXFP4_INV_MAX).to(tl.int32, bitcast=True)
+    e = (t >> 23) & 0xFF
+    e += ((t & 0x7FFFFF) != 0).to(tl.int32) & (e != 255).to(tl.int32)  # ceil to a power of two
+    # 1 / 2^(e-127) exactly: exponent field 254 - e; 2^-127 is subnormal; 1/inf = 0.
+    inv_bits = tl.where(e == 254, 0x400000, tl.where(e == 255, 0, (254 - e) << 23))
+    return e, inv_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_code(v):
+    """Rule 12: E2M1 code (sign in bit 3) of fp32 v, RNE on {0,.5,1,1.5,2,3,4,6}, saturating; NaN -> 0.
+
+    The FPU rounds: the grid's step is 0.5 below 2, 1 in [2, 4) and 2 from 4, so adding
+    M = 2^22 * step (2^22, 2^23, 2^24 by the binade of |v|, clamped) rounds |v| to a multiple of
+    the step with round-to-nearest-even, and the bits of the sum minus those of M count the steps
+    k. The code is k plus two per binade above the first (k in {2, 3, 4} there), capped at 7.
+    About 12 instructions against 25 for counting the seven midpoints.
+    """
+    a = tl.where(v == v, tl.abs(v), 0.0)  # NaN -> 0
+    e = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 129)
+    big = (e + 22) << 23  # the bits of M
+    k = (a + big.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - big
+    code = tl.minimum(k + 2 * (e - 127), 7)
+    return code | ((v < 0).to(tl.int32) << 3)
