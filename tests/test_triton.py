@@ -30,7 +30,7 @@ from qknorm.backends.triton_backend import TritonBackend
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode, QuantType
 from qknorm.reference import qk_rmsnorm_reference
-from qknorm.testing import assert_fp8_close, assert_norm_close, assert_scales_close
+from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
 
 triton = pytest.importorskip("triton")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -336,6 +336,76 @@ def test_in_place_forms(form: str, chunked: bool) -> None:
         assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+# Every kind of launch configuration the heuristics choose (decode, prefill quantizing with k in
+# the q program, prefill norm with several rows per program, one padded tile) on small shapes:
+# n1 = 96 is three tiles (3 x 32 columns, 3 x 2 groups of 16, 3 MXFP4 groups of 32), n2 = 40 is
+# three masked tiles of 16, and m = 5 leaves row blocks partly past M.
+_CONFIGS = [
+    tb._Config(1, 1, 4),
+    tb._Config(1, 1, 4, one_tile=True),
+    tb._Config(1, 1, 1, k_with_q=True),
+    tb._Config(2, 2, 2, k_with_q=True),
+    tb._Config(2, 8, 4),
+]
+
+
+def _mode_request(mode: QuantMode, m: int, n1: int, n2: int):
+    gen = torch.Generator().manual_seed(m + n1)
+    dt = torch.bfloat16
+    q, k = torch.randn(m, n1, generator=gen).to(DEVICE, dt), torch.randn(m, n2, generator=gen).to(DEVICE, dt)
+    qw = (1 + 0.1 * torch.randn(n1, generator=gen)).to(DEVICE, dt)
+    kw = (1 + 0.1 * torch.randn(n2, generator=gen)).to(DEVICE, dt)
+    quant = scale = q_out = None
+    gs = {QuantMode.FP8_GROUP: 16, QuantMode.MXFP4: 32}.get(mode)
+    if mode is QuantMode.NONE:
+        q_out = torch.empty_like(q)
+    elif mode is QuantMode.MXFP4:
+        quant = torch.empty(m, n1 // 2, dtype=torch.uint8, device=DEVICE)
+        scale = torch.empty(m, n1 // 32, dtype=torch.uint8, device=DEVICE)
+    else:
+        quant = torch.empty(m, n1, dtype=torch.float8_e4m3fn, device=DEVICE)
+        cols = n1 // 16 if mode is QuantMode.FP8_GROUP else 1
+        scale = torch.empty(1 if mode is QuantMode.FP8_TENSOR else m, cols, dtype=torch.float32, device=DEVICE)
+
+    def build(q: torch.Tensor, k: torch.Tensor):
+        return build_request(
+            q=q, q_weight=qw, q_epsilon=1e-6, k=k, k_weight=kw, k_out=torch.empty_like(k), mode=mode, group_size=gs,
+            q_out=None if q_out is None else torch.empty_like(q_out),
+            q_out_quantized=None if quant is None else torch.empty_like(quant),
+            q_out_scale=None if scale is None else torch.empty_like(scale),
+        )  # fmt: skip
+
+    return build(q, k), build(q.clone(), k.clone())
+
+
+@pytest.mark.parametrize("cfg", _CONFIGS, ids=repr)
+@pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
+                                  QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
+def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._Config) -> None:
+    actual, expected = _mode_request(mode, 5, 96, 40)
+    be = TritonBackend()
+    be._launch(actual, be._plan(actual, actual.key()), cfg)
+    qk_rmsnorm_reference(expected)
+    assert_norm_close(actual.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+    if mode is QuantMode.NONE:
+        assert_norm_close(actual.q_out, expected.q_out, "q_out")  # type: ignore[arg-type]
+    elif mode is QuantMode.MXFP4:
+        assert_mxfp4_close(actual.q_quant, actual.q_scale, expected.q_quant, expected.q_scale)  # type: ignore[arg-type]
+    else:
+        assert_fp8_close(actual.q_quant, expected.q_quant)  # type: ignore[arg-type]
+        assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
+
+
+def test_tiles_cover_rows_with_the_least_padding() -> None:
+    assert tb._tiles(1536, None) == (1, 3, 512)  # DeepSeek q: three tiles of 512
+    assert tb._tiles(1536, 128) == (4, 3, 128)
+    assert tb._tiles(1536, 32) == (16, 3, 32)
+    assert tb._tiles(512, None) == (1, 1, 512)
+    assert tb._tiles(1000, None) == (1, 1, 1024)  # three tiles of 512 would pad more
+    assert tb._tiles(7, None) == (1, 1, 8)
+    assert tb._one_tile(1536, 128) == (16, 1, 128)
+
+
 class _NoLaunch:
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"M = 0 touched the kernels ({name})")
@@ -494,7 +564,8 @@ def test_gpu_repeated_calls_reuse_the_bound_launch(mode: QuantMode) -> None:
         else:
             assert_norm_close(actual.q_out, expected.q_out, "q_out")  # type: ignore[arg-type]
     (plan,) = be._plans.values()
-    assert len(plan.fast) == 1  # the aligned signature was bound once; the misaligned one never
+    bound = [f for launch in plan.launches.values() for f in launch.fast.values() if f]
+    assert len(bound) == 1  # the aligned signature was bound once; the misaligned one never
 
 
 @pytest.mark.gpu
@@ -525,6 +596,41 @@ def test_gpu_cuda_graph_replay_reads_new_data() -> None:
     qk_rmsnorm_reference(expected)
     assert_norm_close(q_out, expected.q_out, "q_out")  # type: ignore[arg-type]
     assert_norm_close(k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+
+
+def test_a_disabled_direct_launch_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Triton version the direct launch was not written for falls back to Triton's launcher, with one WARNING."""
+    from qknorm.backends import triton_launch
+
+    monkeypatch.setattr(triton_launch, "_warned", set())
+    with caplog.at_level("WARNING", logger=triton_launch.__name__):
+        assert triton_launch.direct_launch_supported("3.6.0", hip=False)
+        assert not caplog.records
+        assert not triton_launch.direct_launch_supported("3.7.1", hip=False)
+        assert not triton_launch.direct_launch_supported("3.7.1", hip=False)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "3.7.1" in record.getMessage() and "2x" in record.getMessage()
+
+
+def test_launch_arguments_are_the_kernel_parameters() -> None:
+    """The launcher names every runtime parameter of the kernel, and absent tensors go in as None."""
+    be = TritonBackend()
+    be.available()
+    assert set(tb._TENSORS) | set(tb._ROW_STRIDES) | {"q_scale_stride_g", "AMAX_PTR", "amax_count", "M", "q_eps",
+                                                     "k_eps", "q_programs"} == set(be._runtime_names)  # fmt: skip
+    q = torch.randn(2, 8, dtype=torch.float16, device=DEVICE)
+    req = build_request(q=q, q_weight=torch.ones(8, dtype=torch.float16, device=DEVICE), q_epsilon=1e-6,
+                        q_out=torch.empty_like(q))  # fmt: skip
+    seen: dict[str, object] = {}
+
+    def capture(grid: int, cfg: object, args: dict[str, object]) -> None:
+        seen.update(args)
+
+    be._compile_launch = capture  # type: ignore[method-assign]
+    be.run(req)
+    assert seen["Q_PTR"] is q and seen["K_PTR"] is None and seen["Q_RES_PTR"] is None and seen["k_stride"] is None
 
 
 def test_row_and_program_counts_are_never_specialized() -> None:

@@ -39,13 +39,20 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- heuristics
 # Notes: see docs/benchmarks.md for the measured tables behind these numbers.
 _DECODE_MAX_M = 256
+_QUANT_WIDE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
 _CHUNK = 4096  # columns per pass for wider rows
 _EPT_DECODE = 16  # elements per thread at decode sizes
-_EPT_PREFILL = 32  # elements per thread at prefill sizes
-_AMAX_PROGRAMS = 512  # programs of the per-tensor amax launch (the partials every program re-reads)
+_EPT_PREFILL = 32  # elements per thread at prefill sizes (plain norm)
+_EPT_QUANT = 64  # ... quantizing (one warp per DeepSeek q row)
+_TILE_NORM = 4096  # elements per program of the plain norm at prefill sizes (2 DeepSeek q rows, 8 k rows)
+# Per-tensor amax launch: at most _AMAX_PROGRAMS programs of _AMAX_WARPS warps, each looping over
+# blocks of about _AMAX_TILE elements; every program of the main launch re-reads the partials.
+_AMAX_PROGRAMS = 256
+_AMAX_WARPS = 8
+_AMAX_TILE = 8192
 
 # Kernel parameters holding tensors -> the request attribute that supplies them.
 _TENSORS = {
@@ -91,6 +98,11 @@ def _tiles(n: int, gs: int | None) -> tuple[int, int, int]:
     return (per_tile, nt, gs) if gs else (1, nt, per_tile)
 
 
+def _one_tile(n: int, gs: int | None) -> tuple[int, int, int]:
+    """``(NG, 1, GS)``: a row of ``n`` columns as one padded power-of-two tile."""
+    return (_next_pow2(-(-n // gs)), 1, gs) if gs else (1, 1, _next_pow2(n))
+
+
 @dataclass(frozen=True)
 class _Config:
     """Launch configuration of one (key, M bucket)."""
@@ -98,7 +110,8 @@ class _Config:
     q_rows: int
     k_rows: int
     num_warps: int
-    k_with_q: bool = False
+    k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
+    one_tile: bool = False  # q rows in one padded power-of-two tile instead of tiles without padding
 
 
 @dataclass
@@ -106,28 +119,51 @@ class _Plan:
     """Everything about a request key that does not depend on M."""
 
     q_chunked: bool
-    q_width: int  # padded q width held in registers (chunk width when chunked)
+    q_tile: int  # q columns held per row: the padded power-of-two width, or the chunk when chunked
     k_chunked: bool
-    k_width: int
+    k_tile: int
+    quantizes: bool
+    tiles: dict[bool, tuple[int, int, int]]  # (Q_NG, Q_NT, Q_GS) without padding (False) and as one tile (True)
     constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
     two_pass: bool  # per-tensor FP8: an amax launch first
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
-    configs: dict[int, _Config] = field(default_factory=dict)
-    fast: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
+    launches: dict[_Config, _Launch] = field(default_factory=dict)
+
+
+@dataclass
+class _Launch:
+    """What launching one plan with one configuration needs besides the tensors (built once)."""
+
+    consts: dict[str, Any]  # every constexpr parameter of the kernel, by name
+    tail: list[Any]  # the same values in the kernel's parameter order (they come last)
+    k_with_q: bool
+    fast: dict[tuple[object, ...], Any] = field(default_factory=dict)  # direct launchers by row strides
 
 
 def _config(plan: _Plan, bucket: int) -> _Config:
     """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule)."""
     m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
-    ept = _EPT_DECODE if m_hi <= _DECODE_MAX_M else _EPT_PREFILL
-    q_tile = _next_pow2(plan.q_width)
-    num_warps = max(1, min(16, q_tile // (32 * ept)))
-    if plan.k_chunked or m_hi <= _DECODE_MAX_M:
-        k_rows = 1
-    else:  # k programs hold as many elements as q programs
-        k_rows = max(1, min(q_tile // plan.k_width, m_hi))
-    return _Config(q_rows=1, k_rows=k_rows, num_warps=num_warps)
+    q_tile, k_tile = plan.q_tile, plan.k_tile
+    if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_WIDE_MAX_M):
+        # Latency: programs of their own for k; group maxima in one padded tile (three tiles
+        # would be three group reductions and scale-layout conversions on the way to the stores).
+        # Quantizing calls stay here up to 2048 rows: one-warp programs would fill too few of
+        # the GPU's warp slots to hide memory latency.
+        return _Config(1, 1, _warps(q_tile, _EPT_DECODE), one_tile=plan.tiles[False] != plan.tiles[True])
+    if plan.q_chunked or plan.k_chunked:
+        return _Config(1, 1 if plan.k_chunked else max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+    if plan.quantizes:
+        # Issue-bound: the fewest warps per row (no cross-warp reduction), each q row with its k
+        # row so that every program mixes the quantizing arithmetic with plain-norm traffic.
+        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True)
+    rows = max(1, min(_TILE_NORM // q_tile, m_hi))
+    return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
+
+
+def _warps(elements: int, per_thread: int) -> int:
+    return max(1, min(16, elements // (32 * per_thread)))
 
 
 # ---------------------------------------------------------------------------- the backend
@@ -203,23 +239,23 @@ class TritonBackend:
             self._direct = direct_launch_supported(triton.__version__, torch.version.hip is not None)
         self._kernels = triton_kernels
 
-    def _q_layout(self, req: Any) -> tuple[int, int, int, int, int, bool]:
-        """(Q_MODE, NG, NT, GS, SPAN, chunked) of q for the request's mode and width."""
+    def _q_layout(self, req: Any) -> tuple[int, dict[bool, tuple[int, int, int]], int, bool]:
+        """(Q_MODE, tiles, SPAN, chunked) of q for the request's mode and width (tiles as in _Plan)."""
         kn, mode, n1, gs = self._kernels, req.mode, req.n1, req.group_size
         if _next_pow2(n1) > _MAX_SINGLE:  # chunked: one row per program in chunks of NG * GS columns
             if mode is QuantMode.MXFP4 or (mode is QuantMode.FP8_GROUP and gs <= _CHUNK):
                 chunk = max(_CHUNK, gs)
-                return (kn.Q_MXFP4 if mode is QuantMode.MXFP4 else kn.Q_GROUP).value, chunk // gs, 1, gs, n1, True
+                q_mode = kn.Q_MXFP4 if mode is QuantMode.MXFP4 else kn.Q_GROUP
+                return q_mode.value, dict.fromkeys((False, True), (chunk // gs, 1, gs)), n1, True
             span = gs if mode is QuantMode.FP8_GROUP else n1  # groups wider than a chunk: one scale per span
             q_mode = {QuantMode.NONE: kn.Q_NONE, QuantMode.FP8_TENSOR: kn.Q_TENSOR}.get(mode, kn.Q_ROW)
-            return q_mode.value, 1, 1, _CHUNK, span, True
+            return q_mode.value, dict.fromkeys((False, True), (1, 1, _CHUNK)), span, True
         q_mode = {
             QuantMode.NONE: kn.Q_NONE, QuantMode.FP8_GROUP: kn.Q_GROUP, QuantMode.FP8_TOKEN: kn.Q_ROW,
             QuantMode.FP8_TENSOR: kn.Q_TENSOR, QuantMode.MXFP4: kn.Q_MXFP4,
         }[mode]  # fmt: skip
-        grouped = mode in (QuantMode.FP8_GROUP, QuantMode.MXFP4)
-        ng, nt, tile_gs = _tiles(n1, gs if grouped else None)
-        return q_mode.value, ng, nt, tile_gs, n1, False
+        group = gs if mode in (QuantMode.FP8_GROUP, QuantMode.MXFP4) else None
+        return q_mode.value, {False: _tiles(n1, group), True: _one_tile(n1, group)}, n1, False
 
     def _fp8_encoding(self, req: Any) -> int:
         """How the kernel makes FP8 bytes (``triton_quant_kernels.FP8_*``) for the request's output dtype."""
@@ -237,12 +273,12 @@ class TritonBackend:
         if self._kernels is None:
             self._load_kernels()
         n1, n2, mode = req.n1, req.n2, req.mode
-        q_mode, ng, nt, gs, span, q_chunked = self._q_layout(req)
+        q_mode, tiles, span, q_chunked = self._q_layout(req)
         k_chunked = n2 > 0 and _next_pow2(n2) > _MAX_SINGLE
         k_ng, k_nt, k_gs = (1, 1, _CHUNK) if k_chunked else _tiles(max(n2, 1), None)
         is_fp8 = mode.is_fp8
         constexprs: dict[str, Any] = dict(
-            N1=n1, N2=max(n2, 1), Q_NG=ng, Q_NT=nt, Q_GS=gs, Q_CHUNKED=q_chunked, Q_SPAN=span,
+            N1=n1, N2=max(n2, 1), Q_CHUNKED=q_chunked, Q_SPAN=span,
             K_NG=k_ng, K_NT=k_nt, K_GS=k_gs, K_CHUNKED=k_chunked, GEMMA=req.gemma, Q_MODE=q_mode,
             INV_FMAX=fp8_inv_max(req.quant_dtype) if is_fp8 else 1.0,
             FP8_ENC=self._fp8_encoding(req) if is_fp8 else 0, AMAX_BLOCK=_AMAX_PROGRAMS,
@@ -250,7 +286,8 @@ class TritonBackend:
             FMA=not self._interpret,
         )  # fmt: skip
         plan = _Plan(
-            q_chunked=q_chunked, q_width=nt * ng * gs, k_chunked=k_chunked, k_width=k_nt * k_ng * k_gs,
+            q_chunked=q_chunked, q_tile=_next_pow2(tiles[True][0] * tiles[True][2]), k_chunked=k_chunked,
+            k_tile=_next_pow2(k_nt * k_ng * k_gs), quantizes=mode is not QuantMode.NONE, tiles=tiles,
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
@@ -279,53 +316,71 @@ class TritonBackend:
         else:
             self._launch(req, plan, cfg)
 
+    def _prepare(self, plan: _Plan, cfg: _Config, has_k: bool) -> _Launch:
+        k_with_q = cfg.k_with_q and has_k
+        q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
+        consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
+                  "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q}  # fmt: skip
+        launch = _Launch(consts, [consts[n] for n in self._constexpr_names], k_with_q)
+        plan.launches[cfg] = launch
+        return launch
+
     def _launch(self, req: Any, plan: _Plan, cfg: _Config) -> None:
         """Launch the kernel(s) for ``req`` with configuration ``cfg``, arguments by parameter name."""
         m = req.m
         tensors: dict[str, Any] = {name: getattr(req, attr) for name, attr in _TENSORS.items()}
-        quant = tensors["Q_QUANT_PTR"]
-        if quant is not None and plan.fnuz_view:
-            tensors["Q_QUANT_PTR"] = quant.view(torch.uint8)
-        strides: dict[str, Any] = {s: None if tensors[t] is None else tensors[t].stride(0) for s, t in _ROW_STRIDES.items()}
+        launch = plan.launches.get(cfg) or self._prepare(plan, cfg, tensors["K_PTR"] is not None)
+        if plan.fnuz_view and tensors["Q_QUANT_PTR"] is not None:
+            tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
+        strides: dict[str, Any] = {
+            s: None if tensors[t] is None else tensors[t].stride(0) for s, t in _ROW_STRIDES.items()
+        }
         scale = tensors["Q_SCALE_PTR"]
         strides["q_scale_stride_g"] = scale.stride(1) if scale is not None and scale.dim() > 1 else None
-        has_k = tensors["K_PTR"] is not None
-        k_with_q = cfg.k_with_q and has_k
         q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
-        k_programs = 0 if not has_k or k_with_q else (m if plan.k_chunked else -(-m // cfg.k_rows))
+        k_programs = 0
+        if tensors["K_PTR"] is not None and not launch.k_with_q:
+            k_programs = m if plan.k_chunked else -(-m // cfg.k_rows)
         grid = q_programs + k_programs
-        scalars = dict(M=m, q_eps=req.q_eps, k_eps=req.k_eps, q_programs=q_programs)
-        consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows,
-                  "K_WITH_Q": k_with_q}  # fmt: skip
+        scalars = {"M": m, "q_eps": req.q_eps, "k_eps": req.k_eps, "q_programs": q_programs}
         if plan.two_pass:
-            self._launch_two_pass(grid, cfg, tensors, strides, scalars, consts)
+            self._launch_two_pass(grid, cfg, tensors, strides, scalars, launch.consts)
             return
-        fast_key = (cfg, tuple(strides.values()))
-        fast = plan.fast.get(fast_key)
+        key = tuple(strides.values())
+        fast = launch.fast.get(key)
         if fast:
             ptrs = {n: None if t is None else t.data_ptr() for n, t in tensors.items()}
-            if not any(p & 15 for p in ptrs.values() if p is not None) and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
-                fast(grid, self._stream(plan.device_index), ordered(self._runtime_names, {**ptrs, **strides, **scalars}))
+            aligned = not any(p & 15 for p in ptrs.values() if p is not None)
+            if aligned and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
+                fast(
+                    grid, self._stream(plan.device_index), ordered(self._runtime_names, {**ptrs, **strides, **scalars})
+                )
                 return
-        compiled = self._compile_launch(grid, cfg, {**tensors, **strides, **scalars, **consts})
+        compiled = self._compile_launch(grid, cfg, {**tensors, **strides, **scalars, **launch.consts})
         if self._direct and fast is None and not any(t.data_ptr() & 15 for t in tensors.values() if t is not None):
-            bound = bind_direct(compiled)
-            tail = [consts[n] for n in self._constexpr_names]
-            plan.fast[fast_key] = False if bound is None else (lambda g, s, a, f=bound, t=tail: f(g, s, a + t))
+            launch.fast[key] = bind_direct(compiled, launch.tail) or False
 
     def _launch_two_pass(
         self, grid: int, cfg: _Config, tensors: dict[str, Any], strides: dict[str, Any], scalars: dict[str, Any],
         consts: dict[str, Any],
     ) -> None:  # fmt: skip
-        """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one."""
-        amax_programs = min(scalars["q_programs"], _AMAX_PROGRAMS)
+        """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.
+
+        The amax launch reads all of q before anything can be quantized, so it must run at the
+        memory's speed on its own: a few hundred programs of 8 warps, each looping over blocks of
+        several rows (one row per program would leave as many partials for the main launch).
+        """
+        m, chunked = scalars["M"], consts["Q_CHUNKED"]
+        rows = 1 if chunked else _prev_pow2(min(_AMAX_TILE // (consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"]), m))
+        amax_cfg = _Config(rows, 1, _AMAX_WARPS)
+        amax_programs = min(m if chunked else -(-m // rows), _AMAX_PROGRAMS)
         partials = torch.empty(amax_programs, dtype=torch.float32, device=tensors["Q_PTR"].device)
         self._compile_launch(
-            amax_programs, cfg,
+            amax_programs, amax_cfg,
             {"Q_PTR": tensors["Q_PTR"], "Q_RES_PTR": tensors["Q_RES_PTR"], "Q_W_PTR": tensors["Q_W_PTR"],
              "q_stride": strides["q_stride"], "q_res_stride": strides["q_res_stride"], **scalars,
              "q_programs": amax_programs, "AMAX_PTR": partials,
-             **consts, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
+             **consts, "Q_ROWS": rows, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
         )  # fmt: skip
         self._compile_launch(
             grid, cfg, {**tensors, **strides, **scalars, "AMAX_PTR": partials, "amax_count": amax_programs, **consts}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_quant_kernels import _amax, _e2m1_code, _e8m0, _fp8_codes, _max_nan, _to_out
+from .triton_quant_kernels import _amax, _e2m1_codes, _e8m0, _fp8_codes, _max_nan, _to_out
 
 __all__ = ["_qk_rmsnorm_kernel"]
 
@@ -124,7 +124,7 @@ def _write_tile(
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
     elif Q_MODE == Q_MXFP4:
         e, inv = _e8m0(_amax(y, 2, True))
-        c = _e2m1_code(y * inv)
+        c = _e2m1_codes(y, e, inv, FMA)
         lo, hi = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], GS // 2, 2)))
         half = g * (GS // 2) + tl.max_contiguous(tl.arange(0, GS // 2), 4)[None, None, :]
         tl.store(QUANT_PTR + rows * quant_stride + half, (lo | (hi << 4)).to(tl.uint8), mask=gmask)

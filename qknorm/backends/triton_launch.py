@@ -57,11 +57,12 @@ def ordered(names: Sequence[str], values: dict[str, Any]) -> list[Any]:
     return [values.get(n) for n in names]
 
 
-def bind_direct(compiled: Any) -> Callable[[int, int, list[Any]], None] | None:
+def bind_direct(compiled: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None] | None:
     """A direct launcher ``fast(grid, stream, args)`` for one compiled kernel, or None (logged once).
 
-    ``args`` are every kernel parameter in order, pointers as integers and absent tensors as
-    None (constexpr parameters are passed and ignored, as Triton's own launch passes them). The
+    ``args`` are the kernel's runtime parameters in order, pointers as integers and absent
+    tensors as None; ``tail`` its constexpr parameters in order (the launcher takes every
+    parameter and ignores the constexpr ones, as in Triton's own launch). The
     compiled kernel is only valid for the specialization it was built for, so the caller keys it
     by the exact strides and which tensors are absent (the row and program counts are never
     specialized: the kernel lists them in ``do_not_specialize``) and uses it only for 16-byte
@@ -83,12 +84,12 @@ def bind_direct(compiled: Any) -> Callable[[int, int, list[Any]], None] | None:
         coop, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
 
         def fast(grid: int, stream: int, args: list[Any]) -> None:
-            c_launch(grid, 1, 1, stream, function, coop, pdl, None, None, meta, None, None, None, *args)
+            c_launch(grid, 1, 1, stream, function, coop, pdl, None, None, meta, None, None, None, *args, *tail)
 
     else:
 
         def fast(grid: int, stream: int, args: list[Any]) -> None:
-            launcher(grid, 1, 1, stream, function, meta, None, None, None, *args)
+            launcher(grid, 1, 1, stream, function, meta, None, None, None, *args, *tail)
 
     return fast
 
