@@ -60,6 +60,13 @@ MODES: dict[str, tuple[QuantMode, int, torch.dtype | None]] = {
     "fp8_tensor": (QuantMode.FP8_TENSOR, N1, FN),
     "mxfp4": (QuantMode.MXFP4, 32, None),
 }
+TIMED = tuple(MODES)  # the e4m3fnuz variants below are checked, and timed only on request
+MODES.update({
+    "fp8_g64_fnuz": (QuantMode.FP8_GROUP, 64, FNUZ),
+    "fp8_g32_fnuz": (QuantMode.FP8_GROUP, 32, FNUZ),
+    "fp8_token_fnuz": (QuantMode.FP8_TOKEN, N1, FNUZ),
+    "fp8_tensor_fnuz": (QuantMode.FP8_TENSOR, N1, FNUZ),
+})  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -236,9 +243,9 @@ def timings(backends: dict[str, Any], ms: Sequence[int], modes: Sequence[str]) -
                 rows.append(row)
                 del sets
                 torch.cuda.empty_cache()
-            r = [x for x in rows if x["M"] == m and x["mode"] == name]
-            print(f"M={m:6d} {name:14s} copy {r[0]['copy_us']:8.2f}  " + "  ".join(
-                f"{lab} {x[lab]:8.2f} ({100 * x['copy_us'] / x[lab]:5.1f}%)" for x in r for lab in backends), flush=True)  # fmt: skip
+            for x in rows[-2:]:
+                print(f"M={m:6d} {name:14s} {x['layout']:10s} copy {x['copy_us']:8.2f} " + " ".join(
+                    f"{lab} {x[lab]:8.2f} ({100 * x['copy_us'] / x[lab]:5.1f}%)" for lab in backends), flush=True)  # fmt: skip
     return rows
 
 
@@ -326,10 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ms", default="1,256,4096,16384,65536", help="row counts timed, comma separated")
     ap.add_argument("--check-ms", default="1,37,4096", help="row counts checked (every dtype and layout)")
     ap.add_argument("--check-big", type=int, default=65536, help="a row count checked for bf16 split views only")
-    ap.add_argument("--modes", default=",".join(MODES), help="modes timed")
+    ap.add_argument("--modes", default=",".join(TIMED), help="modes timed")
     ap.add_argument("--baseline", default="", help="module of a second backend to time beside the current one")
     ap.add_argument("--sweep", default="", help="row counts for the configuration sweep (e.g. 1,256,65536)")
     ap.add_argument("--sweep-modes", default="norm,fp8_g128,mxfp4")
+    ap.add_argument(
+        "--phase",
+        choices=("all", "correctness", "timings"),
+        default="all",
+        help="run only the correctness checks or only the timings (e.g. to overlap checks with tests)",
+    )
     ap.add_argument("--profile", default="", help="only run each of these modes once at --profile-m (under ncu)")
     ap.add_argument("--profile-m", type=int, default=65536)
     args = ap.parse_args(argv)
@@ -341,10 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"info": info}
-
-    def save() -> None:
-        (out / "triton_check.json").write_text(json.dumps(result, indent=1))
-
     backends: dict[str, Any] = {"new": tb.TritonBackend()}
     if args.baseline:
         backends["old"] = importlib.import_module(args.baseline).TritonBackend()
@@ -353,6 +362,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         profile(backends, args.profile_m, args.profile.split(","))
         return 0
+    name = "triton_check.json" if args.phase == "all" else f"triton_{args.phase}.json"
+    bad: list[dict[str, Any]] = []
+    if args.phase != "timings":
+        bad = run_checks(backends, args, result)
+        (out / name).write_text(json.dumps(result, indent=1))
+    if args.phase == "correctness" or DEVICE.type != "cuda":
+        return 1 if bad else 0
+    result["eager_us"] = eager(backends)
+    for k, v in result["eager_us"].items():
+        print(f"  eager {k:34s} {v:6.2f} us", flush=True)
+    t0 = time.time()
+    result["timings"] = timings(backends, [int(x) for x in args.ms.split(",")], args.modes.split(","))
+    print(f"timings: {time.time() - t0:.0f} s", flush=True)
+    (out / name).write_text(json.dumps(result, indent=1))
+    if args.sweep:
+        result["sweep"] = sweep([int(x) for x in args.sweep.split(",")], args.sweep_modes.split(","))
+        (out / name).write_text(json.dumps(result, indent=1))
+    return 1 if bad else 0
+
+
+def run_checks(backends: dict[str, Any], args: argparse.Namespace, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The correctness part: every mode against the reference; returns the current backend's failures."""
     t0 = time.time()
     rows = correctness(backends, [int(x) for x in args.check_ms.split(",")], args.check_big)
     result["correctness"] = rows
@@ -363,21 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"correctness {label}: {sum(r['ok'] for r in mine)}/{len(mine)} pass; FP8/E2M1 bytes equal to the "
               f"reference's: min {min(codes, default=1):.5f}, mean {statistics.mean(codes or [1]):.5f}", flush=True)  # fmt: skip
     print(f"correctness: {time.time() - t0:.0f} s", flush=True)
-    save()
-    if DEVICE.type != "cuda":
-        return 1 if bad else 0
-    result["eager_us"] = eager(backends)
-    for k, v in result["eager_us"].items():
-        print(f"  eager {k:34s} {v:6.2f} us", flush=True)
-    save()
-    t0 = time.time()
-    result["timings"] = timings(backends, [int(x) for x in args.ms.split(",")], args.modes.split(","))
-    print(f"timings: {time.time() - t0:.0f} s", flush=True)
-    save()
-    if args.sweep:
-        result["sweep"] = sweep([int(x) for x in args.sweep.split(",")], args.sweep_modes.split(","))
-        save()
-    return 1 if bad else 0
+    return bad
 
 
 if __name__ == "__main__":
