@@ -137,6 +137,51 @@ def test_gpu_fnuz_from_the_hardware_fn_conversion_bit_for_bit() -> None:
 
 
 @triton.jit
+def _e2m1_scaled_kernel(Y_PTR, A_PTR, OUT_PTR, SCALE_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    e, inv = tq._e8m0(tl.load(A_PTR + offs, mask=mask, other=1.0))
+    tl.store(OUT_PTR + offs, tq._e2m1_codes(tl.load(Y_PTR + offs, mask=mask, other=0.0), e, inv, FMA).to(tl.uint8),
+             mask=mask)  # fmt: skip
+    tl.store(SCALE_PTR + offs, e.to(tl.uint8), mask=mask)
+
+
+@pytest.mark.parametrize("fma", [False, True], ids=["plain", "fused"])
+def test_e2m1_codes_of_scaled_values_match_the_reference(fma: bool) -> None:
+    """Rules 11-12 for y in a group of amax a: the fused encoder (compiled kernels) and the plain one.
+
+    y spans every E2M1 midpoint of every scale, their fp32 neighbours, signed zeros, subnormals,
+    NaN and infinity; amax spans normal, subnormal, huge, infinite and NaN groups (|y| <= amax as
+    in the kernels, except in the inf / NaN groups, whose codes are all 0).
+    """
+    from qknorm.reference import e2m1_codes, e8m0_from_amax, e8m0_to_float
+
+    gen = torch.Generator().manual_seed(11)
+    amax = torch.cat((torch.exp(torch.empty(300).uniform_(-80, 80, generator=gen)),
+                      torch.tensor([1e-10, 2.0**-126, 6.0 * 2.0**-127, 6.0, 3e38, math.inf, math.nan])))  # fmt: skip
+    unit = e8m0_to_float(e8m0_from_amax(amax))  # 2^(e-127) of each group
+    mids = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    v = torch.cat(
+        (mids, torch.nextafter(mids, torch.full_like(mids, 7.0)), torch.nextafter(mids, torch.zeros_like(mids)))
+    )
+    y = (v[None, :] * unit[:, None]).float()
+    y = torch.cat((y, -y, torch.rand(len(amax), 40, generator=gen) * amax[:, None] * 2 - amax[:, None]), dim=1)
+    y = torch.where(torch.isfinite(amax)[:, None], torch.minimum(y, amax[:, None]).maximum(-amax[:, None]), y)
+    y[-2:, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    a = amax[:, None].expand_as(y).contiguous()
+    y, a = y.reshape(-1).contiguous(), a.reshape(-1)
+    codes = torch.empty(y.numel(), dtype=torch.uint8, device=DEVICE)
+    scales = torch.empty_like(codes)
+    _e2m1_scaled_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(DEVICE), a.to(DEVICE), codes, scales, y.numel(), FMA=fma,
+                                                          BLOCK=1024)  # fmt: skip
+    e = e8m0_from_amax(a)
+    assert torch.equal(scales.cpu().to(torch.int32), e)
+    expected = e2m1_codes(y / e8m0_to_float(e)).to(torch.uint8)
+    bad = codes.cpu() != expected
+    assert not bad.any(), f"{int(bad.sum())} codes differ, e.g. y={y[bad][:6].tolist()} amax={a[bad][:6].tolist()}"
+
+
+@triton.jit
 def _quotient_kernel(Y_PTR, D_PTR, OUT_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -616,6 +661,8 @@ def test_a_disabled_direct_launch_is_logged_once(
 
 def test_launch_arguments_are_the_kernel_parameters() -> None:
     """The launcher names every runtime parameter of the kernel, and absent tensors go in as None."""
+    import types
+
     be = TritonBackend()
     be.available()
     assert set(tb._TENSORS) | set(tb._ROW_STRIDES) | {"q_scale_stride_g", "AMAX_PTR", "amax_count", "M", "q_eps",
@@ -625,12 +672,16 @@ def test_launch_arguments_are_the_kernel_parameters() -> None:
                         q_out=torch.empty_like(q))  # fmt: skip
     seen: dict[str, object] = {}
 
-    def capture(grid: int, cfg: object, args: dict[str, object]) -> None:
-        seen.update(args)
+    class _Recorder:
+        def __getitem__(self, grid: tuple[int]) -> object:
+            return lambda **kwargs: seen.update(kwargs, grid=grid)
 
-    be._compile_launch = capture  # type: ignore[method-assign]
+    be._kernels = types.SimpleNamespace(**{**vars(be._kernels), "_qk_rmsnorm_kernel": _Recorder()})
     be.run(req)
-    assert seen["Q_PTR"] is q and seen["K_PTR"] is None and seen["Q_RES_PTR"] is None and seen["k_stride"] is None
+    assert seen["grid"] == (2,) and seen["Q_PTR"] is q and seen["M"] == 2 and seen["q_stride"] == 8
+    for absent in ("K_PTR", "K_W_PTR", "K_OUT_PTR", "Q_RES_PTR", "Q_QUANT_PTR", "k_stride", "AMAX_PTR"):
+        assert absent in seen and seen[absent] is None, absent
+    assert set(be._constexpr_names) <= set(seen)
 
 
 def test_row_and_program_counts_are_never_specialized() -> None:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import torch
 
 from ..quant import QuantMode, fp8_inv_max
 from .base import BackendUnavailable
-from .triton_launch import bind_direct, direct_launch_supported, is_build_failure, ordered
+from .triton_launch import bind_direct, direct_launch_supported, is_build_failure
 
 __all__ = ["TritonBackend"]
 
@@ -66,6 +67,9 @@ _ROW_STRIDES = {
     "q_res_out_stride": "Q_RES_OUT_PTR", "q_quant_stride": "Q_QUANT_PTR", "q_scale_stride_m": "Q_SCALE_PTR",
     "k_stride": "K_PTR", "k_out_stride": "K_OUT_PTR",
 }  # fmt: skip
+# (tensor parameter, request attribute, its row-stride parameter or ""), for the per-call loop.
+_SLOTS = tuple((n, a, next((s for s, t in _ROW_STRIDES.items() if t == n), "")) for n, a in _TENSORS.items())
+_STRIDES = (*_ROW_STRIDES, "q_scale_stride_g")  # every stride parameter (what compiled kernels are keyed by)
 
 
 def _next_pow2(n: int) -> int:
@@ -179,6 +183,8 @@ class TritonBackend:
         self._interpret = False
         self._kernels: Any = None
         self._runtime_names: list[str] = []  # the kernel's non-constexpr parameters, in order
+        self._blank: dict[str, Any] = {}
+        self._pick: Any = None
         self._constexpr_names: list[str] = []  # its constexpr parameters, in order (they come last)
         self._direct = False  # direct launches (see triton_launch.bind_direct)
         self._stream: Any = None
@@ -233,6 +239,9 @@ class TritonBackend:
         params = list(inspect.signature(kernel.fn).parameters.values())
         self._constexpr_names = [p.name for p in params if "constexpr" in str(p.annotation)]
         self._runtime_names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        self._blank = dict.fromkeys(self._runtime_names)  # every runtime parameter, None until given
+        self._pick = itemgetter(*self._runtime_names)  # a dict of them -> their values in kernel order
+        self._strides = itemgetter(*_STRIDES)
         if not self._interpret and torch.cuda.is_available():
             self._stream = triton.runtime.driver.active.get_current_stream
             self._hooks = triton.knobs.runtime
@@ -326,72 +335,71 @@ class TritonBackend:
         return launch
 
     def _launch(self, req: Any, plan: _Plan, cfg: _Config) -> None:
-        """Launch the kernel(s) for ``req`` with configuration ``cfg``, arguments by parameter name."""
+        """Launch the kernel(s) for ``req`` with configuration ``cfg``, arguments by parameter name.
+
+        ``args`` maps every runtime parameter to its value: pointers as integers (what a direct
+        launch passes), None for absent tensors and their strides. About as much Python per call
+        as a positional list (M = 1 is host-bound): the parameter order is read from the kernel.
+        """
         m = req.m
-        tensors: dict[str, Any] = {name: getattr(req, attr) for name, attr in _TENSORS.items()}
-        launch = plan.launches.get(cfg) or self._prepare(plan, cfg, tensors["K_PTR"] is not None)
-        if plan.fnuz_view and tensors["Q_QUANT_PTR"] is not None:
-            tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
-        strides: dict[str, Any] = {
-            s: None if tensors[t] is None else tensors[t].stride(0) for s, t in _ROW_STRIDES.items()
-        }
-        scale = tensors["Q_SCALE_PTR"]
-        strides["q_scale_stride_g"] = scale.stride(1) if scale is not None and scale.dim() > 1 else None
+        args = self._blank.copy()
+        bits = 0  # OR of the pointers: their common alignment
+        for name, attr, stride in _SLOTS:
+            t = getattr(req, attr)
+            if t is not None:
+                p = args[name] = t.data_ptr()
+                bits |= p
+                if stride:
+                    args[stride] = t.stride(0)
+        scale = req.q_scale
+        if scale is not None and scale.dim() > 1:
+            args["q_scale_stride_g"] = scale.stride(1)
+        launch = plan.launches.get(cfg) or self._prepare(plan, cfg, args["K_PTR"] is not None)
         q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
         k_programs = 0
-        if tensors["K_PTR"] is not None and not launch.k_with_q:
+        if args["K_PTR"] is not None and not launch.k_with_q:
             k_programs = m if plan.k_chunked else -(-m // cfg.k_rows)
         grid = q_programs + k_programs
-        scalars = {"M": m, "q_eps": req.q_eps, "k_eps": req.k_eps, "q_programs": q_programs}
-        if plan.two_pass:
-            self._launch_two_pass(grid, cfg, tensors, strides, scalars, launch.consts)
-            return
-        key = tuple(strides.values())
+        args.update(M=m, q_eps=req.q_eps, k_eps=req.k_eps, q_programs=q_programs)
+        key = self._strides(args)  # the compiled kernel is specialized on these (None: absent)
         fast = launch.fast.get(key)
-        if fast:
-            ptrs = {n: None if t is None else t.data_ptr() for n, t in tensors.items()}
-            aligned = not any(p & 15 for p in ptrs.values() if p is not None)
-            if aligned and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
-                fast(
-                    grid, self._stream(plan.device_index), ordered(self._runtime_names, {**ptrs, **strides, **scalars})
-                )
-                return
-        compiled = self._compile_launch(grid, cfg, {**tensors, **strides, **scalars, **launch.consts})
-        if self._direct and fast is None and not any(t.data_ptr() & 15 for t in tensors.values() if t is not None):
+        if fast and not bits & 15 and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
+            fast(grid, self._stream(plan.device_index), self._pick(args))
+            return
+        tensors = {n: t for n, a in _TENSORS.items() if (t := getattr(req, a)) is not None}
+        if plan.fnuz_view and "Q_QUANT_PTR" in tensors:
+            tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
+        args.update(tensors)
+        if plan.two_pass:
+            self._launch_two_pass(grid, cfg, args, launch.consts)
+            return
+        compiled = self._compile_launch(grid, cfg, {**args, **launch.consts})
+        if self._direct and fast is None and not bits & 15:
             launch.fast[key] = bind_direct(compiled, launch.tail) or False
 
-    def _launch_two_pass(
-        self, grid: int, cfg: _Config, tensors: dict[str, Any], strides: dict[str, Any], scalars: dict[str, Any],
-        consts: dict[str, Any],
-    ) -> None:  # fmt: skip
+    def _launch_two_pass(self, grid: int, cfg: _Config, args: dict[str, Any], consts: dict[str, Any]) -> None:
         """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.
 
         The amax launch reads all of q before anything can be quantized, so it must run at the
         memory's speed on its own: a few hundred programs of 8 warps, each looping over blocks of
         several rows (one row per program would leave as many partials for the main launch).
         """
-        m, chunked = scalars["M"], consts["Q_CHUNKED"]
+        m, chunked = args["M"], consts["Q_CHUNKED"]
         rows = 1 if chunked else _prev_pow2(min(_AMAX_TILE // (consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"]), m))
-        amax_cfg = _Config(rows, 1, _AMAX_WARPS)
         amax_programs = min(m if chunked else -(-m // rows), _AMAX_PROGRAMS)
-        partials = torch.empty(amax_programs, dtype=torch.float32, device=tensors["Q_PTR"].device)
+        partials = torch.empty(amax_programs, dtype=torch.float32, device=args["Q_PTR"].device)
+        inputs = ("Q_PTR", "q_stride", "Q_RES_PTR", "q_res_stride", "Q_W_PTR", "M", "q_eps", "k_eps")
         self._compile_launch(
-            amax_programs, amax_cfg,
-            {"Q_PTR": tensors["Q_PTR"], "Q_RES_PTR": tensors["Q_RES_PTR"], "Q_W_PTR": tensors["Q_W_PTR"],
-             "q_stride": strides["q_stride"], "q_res_stride": strides["q_res_stride"], **scalars,
-             "q_programs": amax_programs, "AMAX_PTR": partials,
+            amax_programs, _Config(rows, 1, _AMAX_WARPS),
+            {**{n: args[n] for n in inputs}, "q_programs": amax_programs, "AMAX_PTR": partials,
              **consts, "Q_ROWS": rows, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
         )  # fmt: skip
-        self._compile_launch(
-            grid, cfg, {**tensors, **strides, **scalars, "AMAX_PTR": partials, "amax_count": amax_programs, **consts}
-        )
+        self._compile_launch(grid, cfg, {**args, "AMAX_PTR": partials, "amax_count": amax_programs, **consts})
 
     def _compile_launch(self, grid: int, cfg: _Config, args: dict[str, Any]) -> Any:
         """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
-        full = dict.fromkeys(self._runtime_names)  # absent tensors (and their strides) are None
-        full.update(args)
         try:
-            return self._kernels._qk_rmsnorm_kernel[(grid,)](**full, num_warps=cfg.num_warps)
+            return self._kernels._qk_rmsnorm_kernel[(grid,)](**{**self._blank, **args}, num_warps=cfg.num_warps)
         except Exception as exc:
             if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc

@@ -15,10 +15,10 @@ enabled for the Triton versions it was written against only (:data:`DIRECT_VERSI
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DIRECT_VERSIONS", "direct_launch_supported", "bind_direct", "ordered", "is_build_failure"]
+__all__ = ["DIRECT_VERSIONS", "direct_launch_supported", "bind_direct", "is_build_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ def direct_launch_supported(triton_version: str, hip: bool) -> bool:
         )  # fmt: skip
         return False
     return True
-
-
-def ordered(names: Sequence[str], values: dict[str, Any]) -> list[Any]:
-    """The values of ``names`` in order (the kernel's parameter order); names not given are None."""
-    return [values.get(n) for n in names]
 
 
 def bind_direct(compiled: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None] | None:
