@@ -116,27 +116,6 @@ def test_encoders_match_torch_casts_bit_for_bit(fp8: torch.dtype, native: bool) 
 
 
 @triton.jit
-def _fnuz_kernel(X_PTR, OUT_PTR, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(OUT_PTR + offs, tq._fnuz_from_fn(tl.load(X_PTR + offs, mask=mask, other=0.0) * 2.0), mask=mask)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not NATIVE, reason="needs the hardware e4m3fn conversion (CUDA)")
-def test_gpu_fnuz_from_the_hardware_fn_conversion_bit_for_bit() -> None:
-    """e4m3fnuz bytes made from the hardware e4m3fn conversion of 2v: every probe value, as torch's cast."""
-    fp8 = torch.float8_e4m3fnuz
-    x = _probe_values(FP8_FORMATS[fp8].fmax).to(DEVICE)
-    codes = torch.empty(x.numel(), dtype=torch.uint8, device=DEVICE)
-    _fnuz_kernel[(triton.cdiv(x.numel(), 1024),)](x, codes, x.numel(), BLOCK=1024)
-    x, codes = x.cpu(), codes.cpu()
-    expected = x.to(fp8).view(torch.uint8)
-    bad = codes != expected
-    assert not bad.any(), f"fnuz codes differ for {x[bad][:8].tolist()}: {codes[bad][:8].tolist()}"
-
-
-@triton.jit
 def _e2m1_scaled_kernel(Y_PTR, A_PTR, OUT_PTR, SCALE_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -383,8 +362,8 @@ def test_in_place_forms(form: str, chunked: bool) -> None:
 
 # Every kind of launch configuration the heuristics choose (decode, prefill quantizing with k in
 # the q program, prefill norm with several rows per program, one padded tile) on small shapes:
-# n1 = 96 is three tiles (3 x 32 columns, 3 x 2 groups of 16, 3 MXFP4 groups of 32), n2 = 40 is
-# three masked tiles of 16, and m = 5 leaves row blocks partly past M.
+# n1 = 768 is three tiles (3 x 256 columns, 3 x 16 groups of 16, 3 x 8 MXFP4 groups of 32),
+# n2 = 700 three masked tiles of 256, and m = 5 leaves row blocks partly past M.
 _CONFIGS = [
     tb._Config(1, 1, 4),
     tb._Config(1, 1, 4, one_tile=True),
@@ -427,7 +406,7 @@ def _mode_request(mode: QuantMode, m: int, n1: int, n2: int):
 @pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
                                   QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
 def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._Config) -> None:
-    actual, expected = _mode_request(mode, 5, 96, 40)
+    actual, expected = _mode_request(mode, 5, 768, 700)
     be = TritonBackend()
     be._launch(actual, be._plan(actual, actual.key()), cfg)
     qk_rmsnorm_reference(expected)
@@ -447,6 +426,8 @@ def test_tiles_cover_rows_with_the_least_padding() -> None:
     assert tb._tiles(1536, 32) == (16, 3, 32)
     assert tb._tiles(512, None) == (1, 1, 512)
     assert tb._tiles(1000, None) == (1, 1, 1024)  # three tiles of 512 would pad more
+    assert tb._tiles(700, None) == (1, 3, 256)
+    assert tb._tiles(96, None) == (1, 1, 128)  # three tiles of 32 would be narrower than _MIN_SPLIT_TILE
     assert tb._tiles(7, None) == (1, 1, 8)
     assert tb._one_tile(1536, 128) == (16, 1, 128)
 

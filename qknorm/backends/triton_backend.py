@@ -40,10 +40,12 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- heuristics
 # Notes: see docs/benchmarks.md for the measured tables behind these numbers.
 _DECODE_MAX_M = 256
-_QUANT_WIDE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
+_QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
+_QUANT_MID_MAX_M = 8192  # ... and two warps per row up to this many
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
-_BUCKETS = (1, 16, 256, 2048, 16384)
+_BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
+_MIN_SPLIT_TILE = 256  # narrowest tile of a row held as three (narrower rows: one padded tile)
 _CHUNK = 4096  # columns per pass for wider rows
 _EPT_DECODE = 16  # elements per thread at decode sizes
 _EPT_PREFILL = 32  # elements per thread at prefill sizes (plain norm)
@@ -92,13 +94,14 @@ def _tiles(n: int, gs: int | None) -> tuple[int, int, int]:
     """``(NG, NT, GS)``: a row of ``n`` columns as NT tiles of NG groups of GS columns.
 
     ``gs`` is the quantization group (None: no groups, a tile is NG = 1 group of GS columns).
-    Three tiles where they pad less than one power-of-two tile: 1536 = 3 x 512 (or 3 x 4 groups
-    of 128) instead of 2048 with a quarter of the lanes masked.
+    Three tiles where they pad less than one power-of-two tile and are at least
+    ``_MIN_SPLIT_TILE`` columns wide: 1536 = 3 x 512 (or 3 x 4 groups of 128) instead of 2048 with
+    a quarter of the lanes masked.
     """
     unit = gs or 1
     groups = -(-n // unit)
     one, three = _next_pow2(groups), _next_pow2(-(-groups // 3))
-    per_tile, nt = (three, 3) if 3 * three < one else (one, 1)
+    per_tile, nt = (three, 3) if 3 * three < one and three * unit >= _MIN_SPLIT_TILE else (one, 1)
     return (per_tile, nt, gs) if gs else (1, nt, per_tile)
 
 
@@ -127,6 +130,7 @@ class _Plan:
     k_chunked: bool
     k_tile: int
     quantizes: bool
+    grouped: bool  # FP8 groups or MXFP4 (group maxima within the tile)
     tiles: dict[bool, tuple[int, int, int]]  # (Q_NG, Q_NT, Q_GS) without padding (False) and as one tile (True)
     constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
     two_pass: bool  # per-tensor FP8: an amax launch first
@@ -147,20 +151,28 @@ class _Launch:
 
 
 def _config(plan: _Plan, bucket: int) -> _Config:
-    """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule)."""
+    """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule).
+
+    Measured on the H200 (see the notes at the top of this module and docs/benchmarks.md).
+    """
     m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
     q_tile, k_tile = plan.q_tile, plan.k_tile
-    if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_WIDE_MAX_M):
-        # Latency: programs of their own for k; group maxima in one padded tile (three tiles
-        # would be three group reductions and scale-layout conversions on the way to the stores).
-        # Quantizing calls stay here up to 2048 rows: one-warp programs would fill too few of
-        # the GPU's warp slots to hide memory latency.
-        return _Config(1, 1, _warps(q_tile, _EPT_DECODE), one_tile=plan.tiles[False] != plan.tiles[True])
+    if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_DECODE_MAX_M):
+        # Latency: k rows in programs of their own (with its q row, a program's two chains ran
+        # one after the other: 1.81 against 1.37 µs at M = 1); group maxima in one padded tile
+        # (three tiles are three group reductions and scale-layout conversions in a row: FP8
+        # 1x128 at M = 1 took 1.78 µs in three tiles, 1.64 in one).
+        return _Config(1, 1, _warps(q_tile, _EPT_DECODE), one_tile=plan.grouped)
     if plan.q_chunked or plan.k_chunked:
         return _Config(1, 1 if plan.k_chunked else max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+    if plan.quantizes and m_hi <= _QUANT_MID_MAX_M:
+        # A few waves of programs: two warps per q row, k rows in programs of the same size
+        # (FP8 at M = 4096: 82-85% of the copy, against 77-81% with the one-warp rule below).
+        return _Config(1, max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
     if plan.quantizes:
         # Issue-bound: the fewest warps per row (no cross-warp reduction), each q row with its k
-        # row so that every program mixes the quantizing arithmetic with plain-norm traffic.
+        # row so that every program mixes the quantizing arithmetic with plain-norm traffic
+        # (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123 against 148 µs).
         return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
@@ -270,12 +282,15 @@ class TritonBackend:
         """How the kernel makes FP8 bytes (``triton_quant_kernels.FP8_*``) for the request's output dtype."""
         from . import triton_quant_kernels as te
 
-        fnuz = req.quant_dtype == torch.float8_e4m3fnuz
+        if req.quant_dtype == torch.float8_e4m3fnuz:
+            # The integer encoder. Deriving fnuz bytes from the hardware e4m3fn conversion of 2v
+            # (fnuz is fn with the exponent bias one higher) took 10% fewer instructions, but with
+            # Triton 3.6 on the H200 its bytes came out of step with their values wherever a
+            # thread held one element per conversion (odd widths, unaligned rows): not used.
+            return te.FP8_SOFT_FNUZ.value
         hw = False  # the hardware's e4m3fn conversion (NVIDIA sm_89+); ROCm and the interpreter use software
         if req.device.type == "cuda" and torch.version.hip is None and not self._interpret:
             hw = torch.cuda.get_device_capability(req.device) >= (8, 9)
-        if fnuz:
-            return (te.FP8_HW_FNUZ if hw else te.FP8_SOFT_FNUZ).value
         return (te.FP8_HW_FN if hw else te.FP8_SOFT_FN).value
 
     def _plan(self, req: Any, key: tuple[object, ...]) -> _Plan:
@@ -296,7 +311,8 @@ class TritonBackend:
         )  # fmt: skip
         plan = _Plan(
             q_chunked=q_chunked, q_tile=_next_pow2(tiles[True][0] * tiles[True][2]), k_chunked=k_chunked,
-            k_tile=_next_pow2(k_nt * k_ng * k_gs), quantizes=mode is not QuantMode.NONE, tiles=tiles,
+            k_tile=_next_pow2(k_nt * k_ng * k_gs), quantizes=mode is not QuantMode.NONE,
+            grouped=q_mode in (self._kernels.Q_GROUP.value, self._kernels.Q_MXFP4.value), tiles=tiles,
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,

@@ -3,12 +3,12 @@
 Every helper is exact: the outputs are the bits torch's casts and :mod:`qknorm.reference` give.
 Conversions that the target does natively with round-to-nearest-even (fp32 -> bf16 and
 fp32 -> e4m3fn on NVIDIA sm_89+) use the hardware; everything else (the interpreter, ROCm,
-e4m3fnuz without a native e4m3fn conversion) uses the integer encoders here, which are plain
-Triton and run on any target.
+e4m3fnuz) uses the integer encoders here, which are plain Triton and run on any target.
 
-Instruction counts matter here: at M = 65536 the quantizing kernels issue one instruction per
-element and per byte moved, or close to it, so each encoder below is written to its shortest
-exact form (counts are per element, from the SASS of the compiled kernel on sm_90).
+Instruction counts matter: at prefill sizes the quantizing kernels issue about as many
+instructions as they move bytes (on the H200 at M = 65536, 20-25 instructions per q element
+for MXFP4 left it issue-bound at 51% of DRAM bandwidth), so each encoder is written to its
+shortest exact form; per-element counts quoted below are from the SASS of the sm_90 kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ FLT_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0])
 FP8_SOFT_FN = tl.constexpr(0)  # integer encoder, e4m3fn
 FP8_SOFT_FNUZ = tl.constexpr(1)  # integer encoder, e4m3fnuz
 FP8_HW_FN = tl.constexpr(2)  # the hardware's saturating e4m3fn conversion
-FP8_HW_FNUZ = tl.constexpr(3)  # e4m3fnuz from the hardware e4m3fn conversion of 2 * v (see _fp8_codes)
 
 
 @triton.jit
@@ -101,22 +100,6 @@ def _fp8_code(v, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _fnuz_from_fn(v2):
-    """e4m3fnuz byte of ``v = v2 / 2`` from the hardware e4m3fn conversion of ``v2`` (3-4 instructions).
-
-    e4m3fnuz is e4m3fn with the exponent bias one higher, so the fnuz bits of v are the fn bits
-    of 2v, normals and subnormals alike, up to fn's saturation: 2v in (464, 480] (v in (232, 240])
-    is fnuz's largest code 0x7F where fn saturates to 0x7E. fnuz has no negative zero (fn's 0x80
-    becomes 0x00) and its NaN is 0x80.
-    """
-    c = v2.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-    c = tl.where(tl.abs(v2) > 464.0, c | 0x7F, c)
-    c = tl.where(c == 0x80, 0, c)
-    c = tl.where(v2 != v2, 0x80, c)
-    return c.to(tl.uint8)
-
-
-@triton.jit
 def _div(a, b):
     """IEEE a / b with broadcasting (``div_rn`` itself does not broadcast)."""
     a, b = tl.broadcast(a, b)
@@ -157,10 +140,7 @@ def _fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
     which every encoder here rounds to +-FMAX: the clamp is implied (and the hardware
     conversion saturates anyway).
     """
-    if FP8_ENC == FP8_HW_FNUZ:
-        return _fnuz_from_fn(_quotient(y, scale * 0.5, FMA))  # y / (scale/2) = 2 (y / scale) exactly
-    else:
-        return _fp8_code(_quotient(y, scale, FMA), FP8_ENC == FP8_SOFT_FNUZ, FP8_ENC == FP8_HW_FN)
+    return _fp8_code(_quotient(y, scale, FMA), FP8_ENC == FP8_SOFT_FNUZ, FP8_ENC == FP8_HW_FN)
 
 
 @triton.jit
