@@ -10,13 +10,16 @@ Heuristics (measured numbers in the notes block below)
 ------------------------------------------------------
 - Tiles: a row is held as one or three power-of-two tiles ``[rows, groups, group]`` side by
   side (DeepSeek's q: 3 x 512 columns), the quantization group as the last axis so that group
-  maxima are reductions within a thread and a few lanes. Rows whose padded width exceeds ``_MAX_SINGLE``
-  columns are processed one per program in ``_CHUNK``-column passes (sum of squares, [span
-  amax], write), re-reading the row from L2.
-- One q row per program at every M (a row's sums are then scalars: the two tiles combine with
-  no layout conversion), warps so that each thread holds about ``_EPT_DECODE`` (M <= 256) or
-  ``_EPT_PREFILL`` elements; k rows in programs of their own holding as many elements as a q
-  program, or with their q row (``K_WITH_Q``) where that measured faster.
+  maxima are reductions within a thread and a few lanes. Rows whose padded width exceeds
+  ``_MAX_SINGLE`` columns are processed one per program in ``_CHUNK``-column passes (sum of
+  squares, [span amax], write), re-reading the row from L2.
+- Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program with about
+  ``_EPT_DECODE`` elements per thread, k rows in programs of their own, group maxima in one
+  padded tile.
+- Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
+  rows); quantizing calls with two warps per q row up to 8192 rows, then one warp per q row
+  with its k row in the same program (issue-bound kernels: no cross-warp reduction, and each
+  program mixes quantizing arithmetic with plain-norm memory traffic).
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ __all__ = ["TritonBackend"]
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- heuristics
-# Notes: see docs/benchmarks.md for the measured tables behind these numbers.
+# Notes: NVIDIA H200, 2026-11-30, triton 3.6.0, torch 2.11.0+cu130, benchmarks/gpu_check_triton.py,
+# DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112], CUDA-graph replay, µs per call
+# (tables in docs/benchmarks.md). Configurations as (q rows, k rows, warps[, k with q]):
+#   M=1      norm 1/1/4 1.37, 1/1/8 1.37, 1/1/2 1.41, 1/1/4 k-with-q 1.81;
+#            FP8 1x128 three tiles 1.76-1.78, one tile 1.64; MXFP4 three tiles 1.77, one tile 1.71
+#   M=4096   FP8 1x128 1/4/2 10.44 (82% of the copy), 1/1/1 k-with-q 10.96 (77%)
+#   M=65536  FP8 1x128 1/4/2 115.7, 1/2/1 108.0, 1/1/1 k-with-q 109.3 (96%);
+#            MXFP4 1/4/2 148.8, 1/4/1 140.9, 1/1/1 k-with-q 123.1 (115.2 with the fused E2M1
+#            encoder, 81%); norm: the best four of nine within 1% (129.5-130.7)
 _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 _QUANT_MID_MAX_M = 8192  # ... and two warps per row up to this many
