@@ -2,13 +2,16 @@
 
 Three layers:
 
-- The software number encoders of ``triton_kernels`` (FP8 e4m3fn / e4m3fnuz, bf16, E2M1)
-  through a tiny test kernel, bit for bit against torch's casts and the format tables of
-  ``tests/_cases.py`` (on a GPU also the hardware conversions the kernels use there).
+- The number encoders of ``triton_quant_kernels`` (FP8 e4m3fn / e4m3fnuz, bf16, E2M1, the
+  correctly rounded quotient, E2M1 of scaled groups) through tiny test kernels, bit for bit
+  against torch's casts, the reference and the format tables of ``tests/_cases.py`` (on a GPU
+  also the hardware conversions the kernels use there).
 - Whole calls through the public API with ``QKNORM_BACKEND=triton`` (``_cases.run_case``:
   sentinel-padded outputs, strided and offset inputs, every entry and mode), once with the
   shipped tile limits and once with tiny ones that force the multi-pass (chunked) row path.
-- The backend directly: in-place forms, M = 0, warm-up buckets, capability answers.
+- The backend directly: every kind of launch configuration the heuristics choose, in-place
+  forms, M = 0, warm-up buckets, capability answers, launch arguments by name, the logged
+  fallback when the direct launch is disabled.
 
 The GPU suite (``@pytest.mark.gpu``) repeats this at real sizes: DeepSeek's ``[T, 2112]``
 split views up to T = 65536 and widths up to 16384.

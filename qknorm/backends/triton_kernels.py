@@ -126,6 +126,10 @@ def _write_tile(
         e, inv = _e8m0(_amax(y, 2, True))
         c = _e2m1_codes(y, e, inv, FMA)
         lo, hi = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], GS // 2, 2)))
+        # Stores of 4 bytes per thread: the layout the byte pairs come out of the split in (8
+        # codes per thread). With the full contiguity Triton stored 8 and first moved every
+        # byte through shared memory (MXFP4 at M = 65536 on the H200: 220 µs before this and
+        # the other encoder changes, 115 µs after).
         half = g * (GS // 2) + tl.max_contiguous(tl.arange(0, GS // 2), 4)[None, None, :]
         tl.store(QUANT_PTR + rows * quant_stride + half, (lo | (hi << 4)).to(tl.uint8), mask=gmask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, e.to(tl.uint8), mask=gmask)
