@@ -423,6 +423,28 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
         assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
+    """The shape-only rule gives DeepSeek's shapes the configurations timed fastest on the H200
+    (docs/benchmarks.md): decode with k in programs of its own and group maxima in one tile, two
+    warps per quantizing row up to 8192 rows, then one warp per q row with its k row."""
+    be = TritonBackend()
+    be.available()
+
+    def config(mode: QuantMode, m: int) -> tb._Config:
+        req, _ = _mode_request(mode, 2, 1536, 512)
+        return tb._config(be._plan(req, req.key()), tb._bucket(m))
+
+    for m in (1, 256):
+        assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4)
+        assert config(QuantMode.FP8_TOKEN, m) == tb._Config(1, 1, 4)
+        assert config(QuantMode.FP8_GROUP, m) == tb._Config(1, 1, 4, one_tile=True)
+        assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4, one_tile=True)
+    for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
+        assert config(mode, 4096) == tb._Config(1, 4, 2)
+        assert config(mode, 16384) == config(mode, 65536) == tb._Config(1, 1, 1, k_with_q=True)
+    assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4)
+
+
 def test_tiles_cover_rows_with_the_least_padding() -> None:
     assert tb._tiles(1536, None) == (1, 3, 512)  # DeepSeek q: three tiles of 512
     assert tb._tiles(1536, 128) == (4, 3, 128)
