@@ -1,93 +1,96 @@
-"""Backend ``triton``: launcher and launch heuristics for :mod:`qknorm.backends.triton_kernels`.
+"""Backend ``triton``: plans and launch heuristics for :mod:`qknorm.backends.triton_kernels`.
 
 One launch normalizes q rows and k rows together (per-tensor FP8 takes two: a first launch
 reduces the amax of y over all of q, the second quantizes with it). Everything that does not
 depend on the row count is worked out once per request key (:class:`_Plan`); the launch
 configuration is chosen per (key, M bucket) from the shape alone, never by autotuning.
-Triton is imported on first use only.
+Triton is imported on first use only; :mod:`.triton_launch` launches by parameter name.
 
 Heuristics (measured numbers in the notes block below)
 ------------------------------------------------------
-- Tile: ``[rows, groups, group]`` with the quantization group as the last axis (group maxima
-  are reductions within a thread and a few lanes), or ``[rows, 1, next_pow2(n)]``. Rows whose
-  padded width exceeds ``_MAX_SINGLE`` columns are processed one per program in
-  ``_CHUNK``-column passes (sum of squares, [span amax], write), re-reading the row from L2.
-- Decode (M <= 256): one q row and one k row per program, warps so that each thread holds
-  ``_EPT_DECODE`` elements: all loads are in flight before the first reduction, and a row
-  costs one memory round trip.
-- Prefill: ``_TILE_PREFILL`` elements per program (2 DeepSeek q rows, 8 k rows), 16-byte
-  vectors (Triton specializes strides divisible by 16), ``_EPT_PREFILL`` elements per thread.
-
-Per-call cost
--------------
-The first call of a (configuration, integer arguments) signature goes through Triton's
-``kernel[grid](...)``, which compiles on first use and returns the compiled kernel; later
-calls with 16-byte aligned pointers launch that kernel directly through Triton's C launch
-entry with integer pointers (:func:`_bind_fast`, enabled for Triton 3.6 on CUDA only).
-Triton's own path re-derives the specialization of ~50 arguments and asks the driver about
-every pointer on each call. On the H100 host below (a slow CPU: an empty Triton kernel costs
-11-20 µs to launch from Python there, 3.5 µs on the machine of the peers' table),
-``TritonBackend.run`` on a built request went from 42 µs to 21 µs per call at M = 1.
+- Tiles: a row is held as one or three power-of-two tiles ``[rows, groups, group]`` side by
+  side (DeepSeek's q: 3 x 512 columns), the quantization group as the last axis so that group
+  maxima are reductions within a thread and a few lanes. Rows whose padded width exceeds
+  ``_MAX_SINGLE`` columns are processed one per program in ``_CHUNK``-column passes (sum of
+  squares, [span amax], write), re-reading the row from L2.
+- Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program with about
+  ``_EPT_DECODE`` elements per thread, k rows in programs of their own, group maxima in one
+  padded tile.
+- Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
+  rows); quantizing calls with two warps per q row up to 8192 rows, then one warp per q row
+  with its k row in the same program (issue-bound kernels: no cross-warp reduction, and each
+  program mixes quantizing arithmetic with plain-norm memory traffic).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import or_
+from operator import itemgetter
 from typing import Any
 
 import torch
 
-from ..quant import QuantMode, fp8_inv_max, fp8_max
-from ..request import QKNormRequest
+from ..quant import QuantMode, fp8_inv_max
 from .base import BackendUnavailable
+from .triton_launch import bind_direct, direct_launch_supported, is_build_failure
 
 __all__ = ["TritonBackend"]
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- heuristics
-# Notes: NVIDIA H100 80GB HBM3, 2026-11-27, triton 3.6.0, torch 2.11.0+cu130, measured with
-# benchmarks/gpu_check_triton.py. DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112],
-# FP8 = norm + 1x128 group quantization of q (codes, scales, k). CUDA-graph replay, µs per
-# call; "cold": inputs rotate over ~200 MB of buffers, "hot": one buffer set (stays in L2).
-#
-#   M       device copy       norm strided      norm contig   FP8 strided      FP8 contig
-#   1       1.03              1.54              1.53          1.72             1.73
-#   16      1.31              1.60              1.63          1.81             1.82
-#   256     1.55              2.28 (hot 2.03)   2.24          2.35 (hot 2.25)  2.25
-#   4096    13.53 (hot 8.02)  13.48 (hot 8.11)  13.34         14.91 (hot 11.46) 14.65
-#   16384   47.47             48.01             47.17         46.55            45.50
-#   65536   179.63            183.05            180.01        161.20           158.42
-#
-# Configurations (q rows / k rows / warps) from the sweep of the same script:
-#   M=1     norm 1/1/4 1.49, 1/1/8 1.46, 1/1/2 1.51;  FP8 1/1/4 1.70, 1/1/8 1.69, 1/1/2 2.00
-#   M=256   norm 1/1/4 2.06, 2/2/4 2.13, 1/1/2 2.14;  FP8 1/1/4 2.22, 1/4/4 2.14, 1/1/8 2.37
-#   M=4096  norm 2/8/4 13.35, 2/8/8 13.59, 1/4/4 14.16;  FP8 1/4/4 13.68, 2/8/2 13.83, 2/8/4 14.48
-#   M=65536 norm 2/8/4 182.4, 4/16/4 182.3, 1/4/4 182.6;  FP8 2/8/2 161.1, 4/16/2 162.6, 1/4/4 169.3
-# More warps only pay for latency at decode sizes; at prefill a thread should own 32 elements
-# (64 when quantizing at large M: the extra arithmetic then hides more memory latency).
-# Earlier versions, same machine: FP8 with one IEEE division per element 3.94 µs at M=1 and
-# 285 µs at M=65536 (each division branches to a slow path); the correctly rounded r
-# (1/sqrt_rn) instead of rsqrt cost 8% at M=65536 with FP8.
+# Notes: NVIDIA H200, 2026-11-30, triton 3.6.0, torch 2.11.0+cu130, benchmarks/gpu_check_triton.py,
+# DeepSeek q [M,1536] + k [M,512] bf16 split from [M,2112], CUDA-graph replay, µs per call
+# (tables in docs/benchmarks.md). Configurations as (q rows, k rows, warps[, k with q]):
+#   M=1      norm 1/1/4 1.37, 1/1/8 1.37, 1/1/2 1.41, 1/1/4 k-with-q 1.81;
+#            FP8 1x128 three tiles 1.76-1.78, one tile 1.64; MXFP4 three tiles 1.77, one tile 1.71
+#   M=4096   FP8 1x128 1/4/2 10.44 (82% of the copy), 1/1/1 k-with-q 10.96 (77%)
+#   M=65536  FP8 1x128 1/4/2 115.7, 1/2/1 108.0, 1/1/1 k-with-q 109.3 (96%);
+#            MXFP4 1/4/2 148.8, 1/4/1 140.9, 1/1/1 k-with-q 123.1 (115.2 with the fused E2M1
+#            encoder, 81%); norm: the best four of nine within 1% (129.5-130.7)
 _DECODE_MAX_M = 256
+_QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
+_QUANT_MID_MAX_M = 8192  # ... and two warps per row up to this many
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
-_BUCKETS = (1, 16, 256, 2048, 16384)
+_BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
+_MIN_SPLIT_TILE = 256  # narrowest tile of a row held as three (narrower rows: one padded tile)
 _CHUNK = 4096  # columns per pass for wider rows
 _EPT_DECODE = 16  # elements per thread at decode sizes
-_EPT_PREFILL = 32  # elements per thread at prefill sizes
-_EPT_PREFILL_QUANT = 64  # ... when quantizing, above the last bucket
-_TILE_PREFILL = 4096  # elements per program at prefill sizes
-_AMAX_PROGRAMS = 512  # programs of the per-tensor amax launch (the partials every program re-reads)
+_EPT_PREFILL = 32  # elements per thread at prefill sizes (plain norm)
+_EPT_QUANT = 64  # ... quantizing (one warp per DeepSeek q row)
+_TILE_NORM = 4096  # elements per program of the plain norm at prefill sizes (2 DeepSeek q rows, 8 k rows)
+# Per-tensor amax launch: at most _AMAX_PROGRAMS programs of _AMAX_WARPS warps, each looping over
+# blocks of about _AMAX_TILE elements; every program of the main launch re-reads the partials.
+_AMAX_PROGRAMS = 256
+_AMAX_WARPS = 8
+_AMAX_TILE = 8192
+
+# Kernel parameters holding tensors -> the request attribute that supplies them.
+_TENSORS = {
+    "Q_PTR": "q", "Q_RES_PTR": "q_residual", "Q_W_PTR": "q_weight", "Q_OUT_PTR": "q_out",
+    "Q_RES_OUT_PTR": "q_res_out", "Q_QUANT_PTR": "q_quant", "Q_SCALE_PTR": "q_scale",
+    "K_PTR": "k", "K_W_PTR": "k_weight", "K_OUT_PTR": "k_out",
+}  # fmt: skip
+# Row-stride parameters -> the tensor parameter whose stride(0) they are.
+_ROW_STRIDES = {
+    "q_stride": "Q_PTR", "q_res_stride": "Q_RES_PTR", "q_out_stride": "Q_OUT_PTR",
+    "q_res_out_stride": "Q_RES_OUT_PTR", "q_quant_stride": "Q_QUANT_PTR", "q_scale_stride_m": "Q_SCALE_PTR",
+    "k_stride": "K_PTR", "k_out_stride": "K_OUT_PTR",
+}  # fmt: skip
+# (tensor parameter, request attribute, its row-stride parameter or ""), for the per-call loop.
+_SLOTS = tuple((n, a, next((s for s, t in _ROW_STRIDES.items() if t == n), "")) for n, a in _TENSORS.items())
+_STRIDES = (*_ROW_STRIDES, "q_scale_stride_g")  # every stride parameter (what compiled kernels are keyed by)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _bucket(m: int) -> int:
@@ -98,6 +101,26 @@ def _bucket(m: int) -> int:
     return len(_BUCKETS)
 
 
+def _tiles(n: int, gs: int | None) -> tuple[int, int, int]:
+    """``(NG, NT, GS)``: a row of ``n`` columns as NT tiles of NG groups of GS columns.
+
+    ``gs`` is the quantization group (None: no groups, a tile is NG = 1 group of GS columns).
+    Three tiles where they pad less than one power-of-two tile and are at least
+    ``_MIN_SPLIT_TILE`` columns wide: 1536 = 3 x 512 (or 3 x 4 groups of 128) instead of 2048 with
+    a quarter of the lanes masked.
+    """
+    unit = gs or 1
+    groups = -(-n // unit)
+    one, three = _next_pow2(groups), _next_pow2(-(-groups // 3))
+    per_tile, nt = (three, 3) if 3 * three < one and three * unit >= _MIN_SPLIT_TILE else (one, 1)
+    return (per_tile, nt, gs) if gs else (1, nt, per_tile)
+
+
+def _one_tile(n: int, gs: int | None) -> tuple[int, int, int]:
+    """``(NG, 1, GS)``: a row of ``n`` columns as one padded power-of-two tile."""
+    return (_next_pow2(-(-n // gs)), 1, gs) if gs else (1, 1, _next_pow2(n))
+
+
 @dataclass(frozen=True)
 class _Config:
     """Launch configuration of one (key, M bucket)."""
@@ -105,41 +128,69 @@ class _Config:
     q_rows: int
     k_rows: int
     num_warps: int
+    k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
+    one_tile: bool = False  # q rows in one padded power-of-two tile instead of tiles without padding
 
 
 @dataclass
 class _Plan:
     """Everything about a request key that does not depend on M."""
 
-    n1: int
-    n2: int
-    q_block: int  # padded q width (single) or chunk width (chunked)
     q_chunked: bool
-    k_block: int
+    q_tile: int  # q columns held per row: the padded power-of-two width, or the chunk when chunked
     k_chunked: bool
+    k_tile: int
+    quantizes: bool
+    grouped: bool  # FP8 groups or MXFP4 (group maxima within the tile)
+    tiles: dict[bool, tuple[int, int, int]]  # (Q_NG, Q_NT, Q_GS) without padding (False) and as one tile (True)
     constexprs: dict[str, Any]  # kernel compile-time arguments except the per-bucket ones
     two_pass: bool  # per-tensor FP8: an amax launch first
-    quantizes: bool  # q is quantized (more arithmetic per element: fewer warps pay at prefill)
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
-    configs: dict[int, _Config] = field(default_factory=dict)
-    fast: dict[tuple[object, ...], Callable[[int, int, list[Any]], None]] = field(default_factory=dict)
+    configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
+    launches: dict[_Config, _Launch] = field(default_factory=dict)
+
+
+@dataclass
+class _Launch:
+    """What launching one plan with one configuration needs besides the tensors (built once)."""
+
+    consts: dict[str, Any]  # every constexpr parameter of the kernel, by name
+    tail: list[Any]  # the same values in the kernel's parameter order (they come last)
+    k_with_q: bool
+    fast: dict[tuple[object, ...], Any] = field(default_factory=dict)  # direct launchers by row strides
 
 
 def _config(plan: _Plan, bucket: int) -> _Config:
-    """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule)."""
+    """The launch configuration of ``plan`` for row-count bucket ``bucket`` (shape-only rule).
+
+    Measured on the H200 (see the notes at the top of this module and docs/benchmarks.md).
+    """
     m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
-    if plan.q_chunked:
-        q_rows, q_tile, ept = 1, plan.q_block, _EPT_DECODE
-    elif m_hi <= _DECODE_MAX_M:
-        q_rows, q_tile, ept = 1, plan.q_block, _EPT_DECODE
-    else:
-        q_rows = max(1, min(_TILE_PREFILL // plan.q_block, m_hi))
-        q_tile = q_rows * plan.q_block
-        ept = _EPT_PREFILL_QUANT if plan.quantizes and m_hi > _BUCKETS[-1] else _EPT_PREFILL
-    num_warps = max(1, min(16, q_tile // (32 * ept)))
-    k_rows = 1 if plan.k_chunked or m_hi <= _DECODE_MAX_M else max(1, min(q_tile // plan.k_block, m_hi))
-    return _Config(q_rows=q_rows, k_rows=k_rows, num_warps=num_warps)
+    q_tile, k_tile = plan.q_tile, plan.k_tile
+    if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_DECODE_MAX_M):
+        # Latency: k rows in programs of their own (with its q row, a program's two chains ran
+        # one after the other: 1.81 against 1.37 µs at M = 1); group maxima in one padded tile
+        # (three tiles are three group reductions and scale-layout conversions in a row: FP8
+        # 1x128 at M = 1 took 1.78 µs in three tiles, 1.64 in one).
+        return _Config(1, 1, _warps(q_tile, _EPT_DECODE), one_tile=plan.grouped)
+    if plan.q_chunked or plan.k_chunked:
+        return _Config(1, 1 if plan.k_chunked else max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+    if plan.quantizes and m_hi <= _QUANT_MID_MAX_M:
+        # A few waves of programs: two warps per q row, k rows in programs of the same size
+        # (FP8 at M = 4096: 82-85% of the copy, against 77-81% with the one-warp rule below).
+        return _Config(1, max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+    if plan.quantizes:
+        # Issue-bound: the fewest warps per row (no cross-warp reduction), each q row with its k
+        # row so that every program mixes the quantizing arithmetic with plain-norm traffic
+        # (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123 against 148 µs).
+        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True)
+    rows = max(1, min(_TILE_NORM // q_tile, m_hi))
+    return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
+
+
+def _warps(elements: int, per_thread: int) -> int:
+    return max(1, min(16, elements // (32 * per_thread)))
 
 
 # ---------------------------------------------------------------------------- the backend
@@ -154,8 +205,11 @@ class TritonBackend:
         self._plans: dict[tuple[object, ...], _Plan] = {}
         self._interpret = False
         self._kernels: Any = None
-        self._constexpr_names: list[str] = []
-        self._fast_ok = False  # direct launches (see _bind_fast): Triton 3.6 on CUDA
+        self._runtime_names: list[str] = []  # the kernel's non-constexpr parameters, in order
+        self._blank: dict[str, Any] = {}
+        self._pick: Any = None
+        self._constexpr_names: list[str] = []  # its constexpr parameters, in order (they come last)
+        self._direct = False  # direct launches (see triton_launch.bind_direct)
         self._stream: Any = None
         self._hooks: Any = None
 
@@ -175,7 +229,7 @@ class TritonBackend:
             return True, f"triton {triton.__version__} on a GPU"
         return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
 
-    def supports(self, req: QKNormRequest) -> str | None:
+    def supports(self, req: Any) -> str | None:
         dev = req.device.type
         if dev == "cuda" or (dev == "cpu" and self._interpret):
             return None
@@ -205,68 +259,82 @@ class TritonBackend:
         kernel = triton_kernels._qk_rmsnorm_kernel
         # TRITON_INTERPRET is read by Triton when the kernels are decorated: the kernel's type says.
         self._interpret = not isinstance(kernel, triton.runtime.JITFunction)
-        params = inspect.signature(kernel.fn).parameters.values()
+        params = list(inspect.signature(kernel.fn).parameters.values())
         self._constexpr_names = [p.name for p in params if "constexpr" in str(p.annotation)]
+        self._runtime_names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        self._blank = dict.fromkeys(self._runtime_names)  # every runtime parameter, None until given
+        self._pick = itemgetter(*self._runtime_names)  # a dict of them -> their values in kernel order
+        self._strides = itemgetter(*_STRIDES)
         if not self._interpret and torch.cuda.is_available():
             self._stream = triton.runtime.driver.active.get_current_stream
             self._hooks = triton.knobs.runtime
-            self._fast_ok = triton.__version__.startswith("3.6.") and torch.version.hip is None
+            self._direct = direct_launch_supported(triton.__version__, torch.version.hip is not None)
         self._kernels = triton_kernels
 
-    def _plan(self, req: QKNormRequest, key: tuple[object, ...]) -> _Plan:
+    def _q_layout(self, req: Any) -> tuple[int, dict[bool, tuple[int, int, int]], int, bool]:
+        """(Q_MODE, tiles, SPAN, chunked) of q for the request's mode and width (tiles as in _Plan)."""
+        kn, mode, n1, gs = self._kernels, req.mode, req.n1, req.group_size
+        if _next_pow2(n1) > _MAX_SINGLE:  # chunked: one row per program in chunks of NG * GS columns
+            if mode is QuantMode.MXFP4 or (mode is QuantMode.FP8_GROUP and gs <= _CHUNK):
+                chunk = max(_CHUNK, gs)
+                q_mode = kn.Q_MXFP4 if mode is QuantMode.MXFP4 else kn.Q_GROUP
+                return q_mode.value, dict.fromkeys((False, True), (chunk // gs, 1, gs)), n1, True
+            span = gs if mode is QuantMode.FP8_GROUP else n1  # groups wider than a chunk: one scale per span
+            q_mode = {QuantMode.NONE: kn.Q_NONE, QuantMode.FP8_TENSOR: kn.Q_TENSOR}.get(mode, kn.Q_ROW)
+            return q_mode.value, dict.fromkeys((False, True), (1, 1, _CHUNK)), span, True
+        q_mode = {
+            QuantMode.NONE: kn.Q_NONE, QuantMode.FP8_GROUP: kn.Q_GROUP, QuantMode.FP8_TOKEN: kn.Q_ROW,
+            QuantMode.FP8_TENSOR: kn.Q_TENSOR, QuantMode.MXFP4: kn.Q_MXFP4,
+        }[mode]  # fmt: skip
+        group = gs if mode in (QuantMode.FP8_GROUP, QuantMode.MXFP4) else None
+        return q_mode.value, {False: _tiles(n1, group), True: _one_tile(n1, group)}, n1, False
+
+    def _fp8_encoding(self, req: Any) -> int:
+        """How the kernel makes FP8 bytes (``triton_quant_kernels.FP8_*``) for the request's output dtype."""
+        from . import triton_quant_kernels as te
+
+        if req.quant_dtype == torch.float8_e4m3fnuz:
+            # The integer encoder. Deriving fnuz bytes from the hardware e4m3fn conversion of 2v
+            # (fnuz is fn with the exponent bias one higher) took 10% fewer instructions, but with
+            # Triton 3.6 on the H200 its bytes came out of step with their values wherever a
+            # thread held one element per conversion (odd widths, unaligned rows): not used.
+            return te.FP8_SOFT_FNUZ.value
+        hw = False  # the hardware's e4m3fn conversion (NVIDIA sm_89+); ROCm and the interpreter use software
+        if req.device.type == "cuda" and torch.version.hip is None and not self._interpret:
+            hw = torch.cuda.get_device_capability(req.device) >= (8, 9)
+        return (te.FP8_HW_FN if hw else te.FP8_SOFT_FN).value
+
+    def _plan(self, req: Any, key: tuple[object, ...]) -> _Plan:
         if self._kernels is None:
             self._load_kernels()
-        kn = self._kernels
-        n1, n2, mode, gs = req.n1, req.n2, req.mode, req.group_size
-        q_chunked = _next_pow2(n1) > _MAX_SINGLE
-        q_block = _CHUNK if q_chunked else _next_pow2(n1)
+        n1, n2, mode = req.n1, req.n2, req.mode
+        q_mode, tiles, span, q_chunked = self._q_layout(req)
         k_chunked = n2 > 0 and _next_pow2(n2) > _MAX_SINGLE
-        k_block = _CHUNK if k_chunked else max(1, _next_pow2(n2))
-
-        span = n1
-        if mode is QuantMode.FP8_GROUP and gs <= q_block:
-            q_mode, q_gs = kn.Q_GROUP.value, gs
-        elif mode is QuantMode.FP8_GROUP:  # groups wider than a chunk: one scale per span
-            q_mode, q_gs, span = kn.Q_ROW.value, q_block, gs
-        elif mode is QuantMode.FP8_TOKEN:
-            q_mode, q_gs = kn.Q_ROW.value, q_block
-        elif mode is QuantMode.FP8_TENSOR:
-            q_mode, q_gs = kn.Q_TENSOR.value, q_block
-        elif mode is QuantMode.MXFP4:  # groups of 32..128 always fit a chunk (shipped chunk: 4096)
-            q_mode, q_gs, q_block = kn.Q_MXFP4.value, gs, max(q_block, gs)
-        else:
-            q_mode, q_gs = kn.Q_NONE.value, q_block
-
-        native_cast = req.device.type == "cuda" and torch.version.hip is None and not self._interpret
-        quant_dtype = req.quant_dtype
-        fnuz = quant_dtype == torch.float8_e4m3fnuz
-        native_fp8 = False
-        if native_cast and quant_dtype == torch.float8_e4m3fn:
-            native_fp8 = torch.cuda.get_device_capability(req.device) >= (8, 9)
+        k_ng, k_nt, k_gs = (1, 1, _CHUNK) if k_chunked else _tiles(max(n2, 1), None)
         is_fp8 = mode.is_fp8
         constexprs: dict[str, Any] = dict(
-            N1=n1, N2=max(n2, 1), Q_SPAN=span,
-            Q_NG=q_block // q_gs, Q_GS=q_gs, Q_CHUNKED=q_chunked,
-            K_BLOCK=k_block, K_CHUNKED=k_chunked,
-            HAS_K=req.has_k, HAS_RES=req.q_residual is not None, HAS_Q_OUT=req.q_out is not None,
-            GEMMA=req.gemma, Q_MODE=q_mode,
-            FMAX=fp8_max(quant_dtype) if is_fp8 else 448.0,  # type: ignore[arg-type]
-            INV_FMAX=fp8_inv_max(quant_dtype) if is_fp8 else 1.0 / 448.0,  # type: ignore[arg-type]
-            FNUZ=fnuz, AMAX_BLOCK=_AMAX_PROGRAMS,
-            NATIVE_FP8=native_fp8, NATIVE_CAST=native_cast, FMA=not self._interpret,
+            N1=n1, N2=max(n2, 1), Q_CHUNKED=q_chunked, Q_SPAN=span,
+            K_NG=k_ng, K_NT=k_nt, K_GS=k_gs, K_CHUNKED=k_chunked, GEMMA=req.gemma, Q_MODE=q_mode,
+            INV_FMAX=fp8_inv_max(req.quant_dtype) if is_fp8 else 1.0,
+            FP8_ENC=self._fp8_encoding(req) if is_fp8 else 0, AMAX_BLOCK=_AMAX_PROGRAMS,
+            NATIVE_CAST=req.device.type == "cuda" and torch.version.hip is None and not self._interpret,
+            FMA=not self._interpret,
         )  # fmt: skip
         plan = _Plan(
-            n1=n1, n2=n2, q_block=q_block, q_chunked=q_chunked, k_block=k_block, k_chunked=k_chunked,
-            constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR, quantizes=mode is not QuantMode.NONE,
-            fnuz_view=fnuz, device_index=req.device.index if req.device.type == "cuda" else None,
+            q_chunked=q_chunked, q_tile=_next_pow2(tiles[True][0] * tiles[True][2]), k_chunked=k_chunked,
+            k_tile=_next_pow2(k_nt * k_ng * k_gs), quantizes=mode is not QuantMode.NONE,
+            grouped=q_mode in (self._kernels.Q_GROUP.value, self._kernels.Q_MXFP4.value), tiles=tiles,
+            constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
+            fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
+            device_index=req.device.index if req.device.type == "cuda" else None,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
 
     # -- launching
 
-    def run(self, req: QKNormRequest) -> None:
-        m = req.q.shape[0]
+    def run(self, req: Any) -> None:
+        m = req.m
         if m == 0:
             return
         key = req.key()
@@ -284,125 +352,82 @@ class TritonBackend:
         else:
             self._launch(req, plan, cfg)
 
-    def _launch(self, req: QKNormRequest, plan: _Plan, cfg: _Config) -> None:
-        """Launch the kernel(s) for ``req`` with configuration ``cfg``."""
-        m = req.q.shape[0]
-        q, w = req.q, req.q_weight
-        kw = w if req.k_weight is None else req.k_weight
-        res, q_out, res_out, k, k_out = req.q_residual, req.q_out, req.q_res_out, req.k, req.k_out
-        quant, scale = req.q_quant, req.q_scale
-        if quant is not None and plan.fnuz_view:
-            quant = quant.view(torch.uint8)
-        tensors = (
-            q, q if res is None else res, w, q if q_out is None else q_out, q if res_out is None else res_out,
-            q if quant is None else quant, q if scale is None else scale, q if k is None else k,
-            kw, q if k_out is None else k_out,
-        )  # fmt: skip
-        strides = (
-            q.stride(0), 0 if res is None else res.stride(0), 0 if q_out is None else q_out.stride(0),
-            0 if res_out is None else res_out.stride(0), 0 if quant is None else quant.stride(0),
-            0 if scale is None else scale.stride(0), 0 if scale is None or scale.dim() < 2 else scale.stride(1),
-            0 if k is None else k.stride(0), 0 if k_out is None else k_out.stride(0),
-        )  # fmt: skip
+    def _prepare(self, plan: _Plan, cfg: _Config, has_k: bool) -> _Launch:
+        k_with_q = cfg.k_with_q and has_k
+        q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
+        consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
+                  "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q}  # fmt: skip
+        launch = _Launch(consts, [consts[n] for n in self._constexpr_names], k_with_q)
+        plan.launches[cfg] = launch
+        return launch
+
+    def _launch(self, req: Any, plan: _Plan, cfg: _Config) -> None:
+        """Launch the kernel(s) for ``req`` with configuration ``cfg``, arguments by parameter name.
+
+        ``args`` maps every runtime parameter to its value: pointers as integers (what a direct
+        launch passes), None for absent tensors and their strides. About as much Python per call
+        as a positional list (M = 1 is host-bound): the parameter order is read from the kernel.
+        """
+        m = req.m
+        args = self._blank.copy()
+        bits = 0  # OR of the pointers: their common alignment
+        for name, attr, stride in _SLOTS:
+            t = getattr(req, attr)
+            if t is not None:
+                p = args[name] = t.data_ptr()
+                bits |= p
+                if stride:
+                    args[stride] = t.stride(0)
+        scale = req.q_scale
+        if scale is not None and scale.dim() > 1:
+            args["q_scale_stride_g"] = scale.stride(1)
+        launch = plan.launches.get(cfg) or self._prepare(plan, cfg, args["K_PTR"] is not None)
         q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
-        k_programs = 0 if k is None else (m if plan.k_chunked else -(-m // cfg.k_rows))
+        k_programs = 0
+        if args["K_PTR"] is not None and not launch.k_with_q:
+            k_programs = m if plan.k_chunked else -(-m // cfg.k_rows)
         grid = q_programs + k_programs
-        scalars = (m, req.q_eps, req.k_eps, q_programs, k_programs)
-        if plan.two_pass:
-            self._launch_two_pass(plan, cfg, tensors, strides, scalars)
+        args.update(M=m, q_eps=req.q_eps, k_eps=req.k_eps, q_programs=q_programs)
+        key = self._strides(args)  # the compiled kernel is specialized on these (None: absent)
+        fast = launch.fast.get(key)
+        if fast and not bits & 15 and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
+            fast(grid, self._stream(plan.device_index), self._pick(args))
             return
-        fast_key = (cfg, strides)
-        fast = plan.fast.get(fast_key)
-        if fast is not None:
-            ptrs = [t.data_ptr() for t in tensors]
-            if not reduce(or_, ptrs) & 15 and m < 1 << 31 and not self._hooks.launch_enter_hook.calls:
-                fast(grid, self._stream(plan.device_index), _args(ptrs, strides, ptrs[0], 0, scalars))
-                return
-        tail = self._tail(plan, cfg, plan.constexprs)
-        ck = self._compile_launch(grid, cfg, _args(tensors, strides, q, 0, scalars) + tail)
-        if self._fast_ok and fast is None and not reduce(or_, [t.data_ptr() for t in tensors]) & 15:
-            plan.fast[fast_key] = _bind_fast(ck, tail)
+        tensors = {n: t for n, a in _TENSORS.items() if (t := getattr(req, a)) is not None}
+        if plan.fnuz_view and "Q_QUANT_PTR" in tensors:
+            tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
+        args.update(tensors)
+        if plan.two_pass:
+            self._launch_two_pass(grid, cfg, args, launch.consts)
+            return
+        compiled = self._compile_launch(grid, cfg, {**args, **launch.consts})
+        if self._direct and fast is None and not bits & 15:
+            launch.fast[key] = bind_direct(compiled, launch.tail) or False
 
-    def _launch_two_pass(
-        self, plan: _Plan, cfg: _Config, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...],
-        scalars: tuple[Any, ...],
-    ) -> None:  # fmt: skip
-        """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one."""
-        m, q_eps, k_eps, q_programs, k_programs = scalars
-        amax_programs = min(q_programs, _AMAX_PROGRAMS)
-        partials = torch.empty(amax_programs, dtype=torch.int32, device=tensors[0].device)
-        first = {**plan.constexprs, "Q_MODE": self._kernels.Q_AMAX.value, "HAS_K": False}
+    def _launch_two_pass(self, grid: int, cfg: _Config, args: dict[str, Any], consts: dict[str, Any]) -> None:
+        """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.
+
+        The amax launch reads all of q before anything can be quantized, so it must run at the
+        memory's speed on its own: a few hundred programs of 8 warps, each looping over blocks of
+        several rows (one row per program would leave as many partials for the main launch).
+        """
+        m, chunked = args["M"], consts["Q_CHUNKED"]
+        rows = 1 if chunked else _prev_pow2(min(_AMAX_TILE // (consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"]), m))
+        amax_programs = min(m if chunked else -(-m // rows), _AMAX_PROGRAMS)
+        partials = torch.empty(amax_programs, dtype=torch.float32, device=args["Q_PTR"].device)
+        inputs = ("Q_PTR", "q_stride", "Q_RES_PTR", "q_res_stride", "Q_W_PTR", "M", "q_eps", "k_eps")
         self._compile_launch(
-            amax_programs, cfg,
-            _args(tensors, strides, partials, amax_programs, (m, q_eps, k_eps, amax_programs, 0))
-            + self._tail(plan, cfg, first),
+            amax_programs, _Config(rows, 1, _AMAX_WARPS),
+            {**{n: args[n] for n in inputs}, "q_programs": amax_programs, "AMAX_PTR": partials,
+             **consts, "Q_ROWS": rows, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
         )  # fmt: skip
-        self._compile_launch(
-            q_programs + k_programs, cfg,
-            _args(tensors, strides, partials, amax_programs, scalars) + self._tail(plan, cfg, plan.constexprs),
-        )  # fmt: skip
+        self._compile_launch(grid, cfg, {**args, "AMAX_PTR": partials, "amax_count": amax_programs, **consts})
 
-    def _tail(self, plan: _Plan, cfg: _Config, constexprs: dict[str, Any]) -> list[Any]:
-        """The compile-time arguments in the kernel's parameter order."""
-        values = {**constexprs, "Q_ROWS": cfg.q_rows, "K_ROWS": cfg.k_rows}
-        return [values[name] for name in self._constexpr_names]
-
-    def _compile_launch(self, grid: int, cfg: _Config, args: list[Any]) -> Any:
+    def _compile_launch(self, grid: int, cfg: _Config, args: dict[str, Any]) -> Any:
         """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
         try:
-            return self._kernels._qk_rmsnorm_kernel[(grid,)](*args, num_warps=cfg.num_warps)
+            return self._kernels._qk_rmsnorm_kernel[(grid,)](**{**self._blank, **args}, num_warps=cfg.num_warps)
         except Exception as exc:
-            if _is_build_failure(exc):
+            if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
             raise
-
-
-def _args(
-    ptrs: Sequence[Any], strides: tuple[int, ...], amax: Any, amax_count: int, scalars: tuple[Any, ...]
-) -> list[Any]:
-    """The kernel's runtime arguments in parameter order (pointers as tensors or as ints)."""
-    t, s = ptrs, strides
-    return [
-        t[0], s[0], t[1], s[1], t[2], t[3], s[2], t[4], s[3], t[5], s[4], t[6], s[5], s[6],
-        t[7], s[7], t[8], t[9], s[8], amax, amax_count, *scalars,
-    ]  # fmt: skip
-
-
-def _bind_fast(ck: Any, tail: list[Any]) -> Callable[[int, int, list[Any]], None]:
-    """A direct launcher for one compiled kernel: Triton's C launch entry with integer pointers.
-
-    The compiled kernel is only valid for the specialization it was built for, so the caller
-    keys it by the exact strides (the row and program counts are never specialized: the kernel
-    lists them in ``do_not_specialize``) and uses it only for 16-byte aligned pointers (what
-    the first, regular launch was specialized on), 32-bit row counts and no registered launch
-    hooks (profilers). Per-tensor FP8 (two launches) always takes Triton's own path.
-    """
-    launcher = ck.run
-    function, meta = ck.function, ck.packed_metadata
-    c_launch = getattr(launcher, "launch", None)
-    if (
-        c_launch is not None
-        and getattr(launcher, "global_scratch_size", 1) == 0
-        and getattr(launcher, "profile_scratch_size", 1) == 0
-    ):
-        coop, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
-
-        def fast(grid: int, stream: int, args: list[Any]) -> None:
-            c_launch(grid, 1, 1, stream, function, coop, pdl, None, None, meta, None, None, None, *args, *tail)
-
-    else:
-
-        def fast(grid: int, stream: int, args: list[Any]) -> None:
-            launcher(grid, 1, 1, stream, function, meta, None, None, None, *args, *tail)
-
-    return fast
-
-
-def _is_build_failure(exc: BaseException) -> bool:
-    """Compilation / resource failures (not interpreter or runtime errors): the backend cannot serve."""
-    try:
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources, PTXASError
-    except ImportError:
-        return False
-    return isinstance(exc, (CompilationError, OutOfResources, PTXASError))

@@ -1,27 +1,31 @@
 """Triton kernels of the fused Q/K RMSNorm (SPEC §4): ``@triton.jit`` code only.
 
-One launch covers q rows and k rows: programs ``[0, q_programs)`` own q row blocks, the rest own
-k row blocks. A row block is a ``[ROWS, NG, GS]`` register tile (``GS`` = the quantization group,
-or the whole padded row without group quantization), so group maxima are plain reductions over
-the last axis. Rows wider than one tile are processed by :func:`_row_chunked` in passes over
-column chunks. The launcher (``triton_backend.py``) chooses every compile-time knob.
+One launch covers q rows and k rows: programs ``[0, q_programs)`` own q row blocks (and, with
+``K_WITH_Q``, the k rows of the same indices), the rest own k row blocks. A row block is held
+in registers as one to three ``[ROWS, NG, GS]`` tiles side by side: ``GS`` is the quantization
+group (or the whole tile without groups), and three tiles cover rows of 3 * 2^k columns without
+padding (DeepSeek's q rows of 1536 are 3 x 512, not a 2048-wide tile of which a quarter would
+be masked lanes doing every instruction for nothing). Group maxima are
+reductions over the last axis. Rows wider than a tile are processed by :func:`_row_chunked` in
+passes over column chunks. The launcher (``triton_backend.py``) chooses every compile-time knob.
+
+Absent tensors are passed as ``None`` (Triton compiles the code that would use them away).
 
 Numerics as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
 ``r = rsqrt(sum(x^2) * fl32(1/n) + eps)`` (within ~2 ulp of r, as SPEC §4.2 allows),
 ``y = (x * r) * w``; quantization reads the fp32 ``y``; ``y / scale`` is correctly rounded
-(:func:`_quotient`; Triton's ``/`` is approximate on NVIDIA). Amax is an integer max over the
-bits of ``|y|``: for non-negative floats integer order is float order and NaN sorts above inf,
-so NaN propagates as in torch.amax. Float conversions that the target cannot do natively with
-round-to-nearest-even (bf16 and FP8 under the interpreter or on ROCm, e4m3fnuz everywhere) use
-the exact software encoders below. Per-tensor FP8 is two launches (see the kernel's docstring).
+(:func:`~.triton_quant_kernels.quotient`); amax is a NaN-propagating max of ``|y|`` as in torch.amax.
+Per-tensor FP8 is two launches (see the kernel's docstring).
 """
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
+
+from .triton_quant_kernels import _amax, _e2m1_codes, _e8m0, _fp8_codes, _max_nan, to_out
+
+__all__ = ["_qk_rmsnorm_kernel"]
 
 # What the q rows of one launch do (compile-time Q_MODE).
 Q_NONE = tl.constexpr(0)  # norm only
@@ -31,136 +35,15 @@ Q_TENSOR = tl.constexpr(3)  # FP8 with a scale from the per-program amax partial
 Q_MXFP4 = tl.constexpr(4)  # E2M1 nibbles + E8M0 scale byte per [row, GS group]
 Q_AMAX = tl.constexpr(5)  # first launch of per-tensor FP8: per-program amax of y, no other write
 
-# Bits of fl32(1e-10), the amax floor (SPEC §4 rule 6), and of fl32(1/6) (rule 11).
-AMAX_FLOOR_BITS = tl.constexpr(struct.unpack("<i", struct.pack("<f", 1e-10))[0])
-MXFP4_INV_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<f", 1.0 / 6.0))[0])
-
-
-# ----------------------------------------------------------------------------- conversions
-
-
-@triton.jit
-def _abs_bits(y, mask):
-    """|y| as int32 bits (0 outside mask): max over these is a NaN-propagating amax."""
-    return tl.where(mask, y.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
-
-
-@triton.jit
-def _bf16_rne(x):
-    """fp32 -> bf16 with round-to-nearest-even in integer arithmetic (NaN stays NaN)."""
-    b = x.to(tl.int32, bitcast=True)
-    r = b + 0x7FFF + ((b >> 16) & 1)
-    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, b | 0x400000, r)
-    return (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _to_out(x, OUT_PTR, NATIVE: tl.constexpr):
-    """fp32 -> the output's element type (fp16 or bf16) with round-to-nearest-even."""
-    if OUT_PTR.dtype.element_ty == tl.bfloat16:
-        if NATIVE:
-            return x.to(tl.bfloat16)
-        else:
-            return _bf16_rne(x)
-    else:
-        return x.to(OUT_PTR.dtype.element_ty)
-
-
-@triton.jit
-def _fp8_code(v, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
-    """Clamped fp32 ``v`` (|v| <= FMAX, or NaN) -> e4m3fn / e4m3fnuz byte, RNE, as torch's casts.
-
-    Software path: normals round the fp32 significand to 3 bits in integer arithmetic;
-    subnormals are rounded by the FPU itself by adding a power of two whose ulp is the FP8
-    subnormal step (2^-9 for e4m3fn: 2^14; 2^-10 for e4m3fnuz: 2^13), the integer difference of
-    the bits then being the code (code 8 is the smallest normal, as it should be). e4m3fn keeps
-    the sign of zero and encodes NaN as 0x7F|sign; e4m3fnuz has no negative zero and 0x80 is NaN.
-    """
-    if NATIVE:
-        return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    else:
-        b = v.to(tl.int32, bitcast=True)
-        a = b & 0x7FFFFFFF
-        sign = (b >> 24) & 0x80
-        mag = a.to(tl.float32, bitcast=True)
-        if FNUZ:
-            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 8) << 3)
-            sub = (mag + 8192.0).to(tl.int32, bitcast=True) - 0x46000000
-            code = tl.where(a < 0x3C000000, sub, normal)  # 2^-7: smallest e4m3fnuz normal
-            code = tl.where(code == 0, 0, code | sign)
-            code = tl.where(a > 0x7F800000, 0x80, code)
-        else:
-            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3)
-            sub = (mag + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
-            code = tl.where(a < 0x3C800000, sub, normal)  # 2^-6: smallest e4m3fn normal
-            code = tl.where(a > 0x7F800000, 0x7F, code) | sign
-        return code.to(tl.uint8)
-
-
-@triton.jit
-def _div(a, b):
-    """IEEE a / b with broadcasting (``div_rn`` itself does not broadcast)."""
-    a, b = tl.broadcast(a, b)
-    return tl.div_rn(a, b)
-
-
-@triton.jit
-def _quotient(y, d, FMA: tl.constexpr):
-    """y / d correctly rounded, for a divisor d shared by many y (broadcast from a smaller shape).
-
-    With a fused multiply-add: Markstein's correction of q0 = y * RN(1/d): r = y - q0*d is exact
-    and RN(q0 + r * RN(1/d)) = RN(y/d) (q0 is within 1 ulp; no over/underflow here: d >= 2^-43,
-    |y/d| <= FMAX). One IEEE division per group instead of one per element: ``div_rn`` per
-    element branches to a slow path and serializes the row. Where r = 0, q0 is already exact and
-    is kept (q0 + 0 would turn -0 into +0); where r is NaN (an infinite, zero or NaN operand),
-    q0 is IEEE's answer too. Without FMA (the interpreter rounds the product): ``div_rn``.
-    """
-    if FMA:
-        rcp = _div(tl.full(d.shape, 1.0, tl.float32), d)
-        y, rcp = tl.broadcast(y, rcp)
-        y, d = tl.broadcast(y, d)
-        q0 = y * rcp
-        r = tl.fma(-q0, d, y)
-        return tl.where((r == 0.0) | (r != r), q0, tl.fma(r, rcp, q0))
-    else:
-        return _div(y, d)
-
-
-@triton.jit
-def _fp8_values(y, scale, FMAX: tl.constexpr, FNUZ: tl.constexpr, NATIVE: tl.constexpr, FMA: tl.constexpr):
-    """Rule 7: fp8_rne(clamp(y / scale, -FMAX, FMAX)), NaN kept (comparisons with NaN are false)."""
-    v = _quotient(y, scale, FMA)
-    v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))
-    return _fp8_code(v, FNUZ, NATIVE)
-
-
-@triton.jit
-def _store_codes(PTR, codes, mask):
-    """Store uint8 codes into an FP8 (or uint8) output, reinterpreting the bits."""
-    tl.store(PTR, codes.to(PTR.dtype.element_ty, bitcast=True), mask=mask)
-
-
-@triton.jit
-def _e2m1_code(v):
-    """Rule 12: E2M1 code (sign in bit 3) of fp32 v, RNE on {0,.5,1,1.5,2,3,4,6}, saturating; NaN -> 0.
-
-    The code is the number of midpoints passed; a tie goes to the even code, so the comparison
-    is strict where the lower neighbour is even and inclusive where the upper one is.
-    """
-    a = (v.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    c = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-    c += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
-    return c | ((v < 0).to(tl.int32) << 3)
-
 
 # ----------------------------------------------------------------------------- tiles
 
 
 @triton.jit
-def _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask, HAS_RES: tl.constexpr):
-    """x = f(X) (+ f(RES)) in fp32 over a [ROWS, NG, GS] tile (rows int64)."""
+def _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask):
+    """x = f(X) (+ f(RES)) in fp32 over a tile (rows int64)."""
     x = tl.load(X_PTR + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
+    if RES_PTR is not None:
         x += tl.load(RES_PTR + rows * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
     return x
 
@@ -185,10 +68,31 @@ def _rstd(sumsq, N: tl.constexpr, eps):
 
 
 @triton.jit
-def _group_amax(y, mask):
-    """max(1e-10, max |y|) over the tile's last axis (one quantization group): [R, NG, 1] fp32."""
-    bits = tl.max(_abs_bits(y, mask), axis=2, keep_dims=True)
-    return tl.maximum(bits, AMAX_FLOOR_BITS).to(tl.float32, bitcast=True)
+def _row_sum(t, ROWS: tl.constexpr):
+    """Sum over a tile's row: a scalar for one row (no layout to convert), else [ROWS, 1, 1]."""
+    if ROWS == 1:
+        return tl.sum(t)
+    else:
+        return tl.sum(tl.sum(t, axis=2, keep_dims=True), axis=1, keep_dims=True)
+
+
+@triton.jit
+def _row_amax(y, ROWS: tl.constexpr):
+    """``max(1e-10, max |y|)`` over a tile's row (NaN-propagating), shaped as :func:`_row_sum`."""
+    if ROWS == 1:
+        return _amax(y, None, False)
+    else:
+        return tl.reduce(_amax(y, 2, True), 1, _max_nan, keep_dims=True)
+
+
+@triton.jit
+def _tile(row0, M, N: tl.constexpr, ROWS: tl.constexpr, G0: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr):
+    """Indices of the [ROWS, NG, GS] tile of groups [G0, G0 + NG): rows (int64), groups, columns, masks."""
+    r = row0 + tl.arange(0, ROWS)[:, None, None]
+    g = G0 + tl.arange(0, NG)[None, :, None]
+    cols = g * GS + tl.arange(0, GS)[None, None, :]
+    rmask = r < M
+    return r.to(tl.int64), g, cols, rmask & (cols < N), rmask & (g * GS < N), rmask
 
 
 @triton.jit
@@ -196,81 +100,110 @@ def _write_tile(
     x, y, rows, g, cols, mask, gmask, scale,
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-    GS: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, Q_MODE: tl.constexpr,
-    FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    GS: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
+    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """Store every output of one [R, NG, GS] tile: rows int64 [R,1,1], g [1,NG,1] group index,
     cols [1,NG,GS], gmask [R,NG,1] (whole groups in bounds); ``scale`` is the FP8 scale of
     Q_ROW / Q_TENSOR (computed by the caller); Q_GROUP and Q_MXFP4 take one per group here.
+
+    Group maxima need no mask: masked lanes hold y = 0 (x and w load as 0) unless r is inf or
+    NaN, and then every lane of the row is NaN too.
     """
-    if HAS_RES:
-        tl.store(RES_OUT_PTR + rows * res_out_stride + cols, _to_out(x, RES_OUT_PTR, NATIVE_CAST), mask=mask)
-    if HAS_OUT:
-        tl.store(OUT_PTR + rows * out_stride + cols, _to_out(y, OUT_PTR, NATIVE_CAST), mask=mask)
+    if RES_OUT_PTR is not None:
+        tl.store(RES_OUT_PTR + rows * res_out_stride + cols, to_out(x, RES_OUT_PTR, NATIVE_CAST), mask=mask)
+    if OUT_PTR is not None:
+        tl.store(OUT_PTR + rows * out_stride + cols, to_out(y, OUT_PTR, NATIVE_CAST), mask=mask)
     if Q_MODE == Q_GROUP:
-        gscale = _group_amax(y, mask) * INV_FMAX
-        codes = _fp8_values(y, gscale, FMAX, FNUZ, NATIVE_FP8, FMA)
-        _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
+        gscale = _amax(y, 2, True) * INV_FMAX
+        codes = _fp8_codes(y, gscale, FP8_ENC, FMA)
+        tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, gscale, mask=gmask)
     elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
-        codes = _fp8_values(y, scale, FMAX, FNUZ, NATIVE_FP8, FMA)
-        _store_codes(QUANT_PTR + rows * quant_stride + cols, codes, mask)
+        codes = _fp8_codes(y, scale, FP8_ENC, FMA)
+        tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
     elif Q_MODE == Q_MXFP4:
-        t = (_group_amax(y, mask) * MXFP4_INV_MAX).to(tl.int32, bitcast=True)
-        e = (t >> 23) & 0xFF
-        e += ((t & 0x7FFFFF) != 0).to(tl.int32) & (e != 255).to(tl.int32)  # ceil to a power of two
-        # 1 / 2^(e-127) exactly: exponent field 254 - e; 2^-127 is subnormal; 1/inf = 0.
-        inv_bits = tl.where(e == 254, 0x400000, tl.where(e == 255, 0, (254 - e) << 23))
-        c = _e2m1_code(y * inv_bits.to(tl.float32, bitcast=True))
+        e, inv = _e8m0(_amax(y, 2, True))
+        c = _e2m1_codes(y, e, inv, FMA)
         lo, hi = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], GS // 2, 2)))
-        half = g * (GS // 2) + tl.arange(0, GS // 2)[None, None, :]
+        # Stores of 4 bytes per thread: the layout the byte pairs come out of the split in (8
+        # codes per thread). With the full contiguity Triton stored 8 and first moved every
+        # byte through shared memory (MXFP4 at M = 65536 on the H200: 220 µs before this and
+        # the other encoder changes, 115 µs after).
+        half = g * (GS // 2) + tl.max_contiguous(tl.arange(0, GS // 2), 4)[None, None, :]
         tl.store(QUANT_PTR + rows * quant_stride + half, (lo | (hi << 4)).to(tl.uint8), mask=gmask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, e.to(tl.uint8), mask=gmask)
 
 
 @triton.jit
-def _rows_single(
+def _rows(
     row0, M, eps, scale,
     X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-    N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
-    FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
+    GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
+    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
-    """ROWS whole rows in registers: load, reduce, normalize, store.
+    """ROWS whole rows in registers as NT (1 to 3) tiles a, b, c of the same shape [ROWS, NG, GS].
 
-    Returns the rows' amax bits ([ROWS, 1, 1] int32) in Q_AMAX mode, else 0.
+    Tiles of one shape combine element by element, so the row's sum of squares (and amax) is a
+    single reduction after every load is issued: one memory round trip per row.
+    Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX mode, else 0.
     """
-    r = row0 + tl.arange(0, ROWS)[:, None, None]
-    g = tl.arange(0, NG)[None, :, None]
-    cols = g * GS + tl.arange(0, GS)[None, None, :]
-    rmask = r < M
-    mask = rmask & (cols < N)
-    gmask = rmask & (g * GS < N)
-    rows = r.to(tl.int64)
-    x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask, HAS_RES)
+    rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS)
+    xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
     # The weights are loaded at the tile's full shape (repeats hit L1): a [1, NG, GS] load would
     # get a layout of its own and cost a shared-memory layout conversion of the whole tile.
-    wcols = cols + r * 0
-    w = _load_w(W_PTR, wcols, wcols < N, GEMMA)
-    sumsq = tl.sum(tl.sum(x * x, axis=2, keep_dims=True), axis=1, keep_dims=True)
-    y = (x * _rstd(sumsq, N, eps)) * w
-    amax_bits = 0
+    zero = (rows * 0).to(tl.int32)
+    wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
+    ss = xa * xa
+    if NT > 1:
+        _, gb, colb, maskb, gmaskb, _ = _tile(row0, M, N, ROWS, NG, NG, GS)
+        xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+        wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
+        ss += xb * xb
+    if NT > 2:
+        _, gc, colc, maskc, gmaskc, _ = _tile(row0, M, N, ROWS, 2 * NG, NG, GS)
+        xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+        wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
+        ss += xc * xc
+    rstd = _rstd(_row_sum(ss, ROWS), N, eps)
+    ya = (xa * rstd) * wa
+    a = tl.abs(ya)
+    if NT > 1:
+        yb = (xb * rstd) * wb
+        a = _max_nan(a, tl.abs(yb))
+    if NT > 2:
+        yc = (xc * rstd) * wc
+        a = _max_nan(a, tl.abs(yc))
+    amax = 0.0
     if Q_MODE == Q_ROW or Q_MODE == Q_AMAX:
-        amax_bits = tl.max(tl.max(_abs_bits(y, mask), axis=2, keep_dims=True), axis=1, keep_dims=True)
+        amax = _row_amax(a, ROWS)
         if Q_MODE == Q_ROW:
-            scale = tl.maximum(amax_bits, AMAX_FLOOR_BITS).to(tl.float32, bitcast=True) * INV_FMAX
+            scale = amax * INV_FMAX
             tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
+        elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
+            amax = tl.reduce(tl.where(rmask, amax, 0.0), None, _max_nan)
     if Q_MODE != Q_AMAX:
         _write_tile(
-            x, y, rows, g, cols, mask, gmask, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+            xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+            GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
         )  # fmt: skip
-    return amax_bits
+        if NT > 1:
+            _write_tile(
+                xb, yb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+                QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            )  # fmt: skip
+        if NT > 2:
+            _write_tile(
+                xc, yc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+                QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            )  # fmt: skip
+    return amax
 
 
 @triton.jit
@@ -280,16 +213,15 @@ def _row_chunked(
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     N: tl.constexpr, SPAN: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
-    FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
+    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
     """One row wider than a tile, in chunks of NG*GS columns.
 
     A sum-of-squares pass, then for each span of SPAN columns (Q_ROW: first a pass for the
     span's amax) a pass that writes each chunk right after reading it: every element is read
     before anything of its own columns is written, so the in-place forms stay correct.
-    Returns the row's amax bits (Q_AMAX), else 0.
+    Returns the row's amax (Q_AMAX), else 0.
     """
     CH: tl.constexpr = NG * GS
     g = tl.arange(0, NG)[None, :, None]
@@ -298,39 +230,39 @@ def _row_chunked(
     acc = tl.zeros((1, NG, GS), tl.float32)
     for c in range(0, N, CH):
         cols = c + cols0
-        x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, cols < N, HAS_RES)
+        x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, cols < N)
         acc += x * x
-    rstd = _rstd(tl.sum(tl.sum(tl.sum(acc, axis=2), axis=1), axis=0), N, eps)
-    amax_bits = row * 0
+    rstd = _rstd(tl.sum(acc), N, eps)
+    amax = 0.0
     for s in range(0, N, SPAN):
         end = tl.minimum(s + SPAN, N)  # masks only: loop bounds stay Python ints under the interpreter
         span_scale = scale
         if Q_MODE == Q_ROW or Q_MODE == Q_AMAX:
-            bits = tl.zeros((1, NG, GS), tl.int32)
+            m = tl.zeros((1, NG, GS), tl.float32)
             for c in range(s, s + SPAN, CH):
                 cols = c + cols0
                 mask = cols < end
-                x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask, HAS_RES)
-                bits = tl.maximum(bits, _abs_bits((x * rstd) * _load_w(W_PTR, cols, mask, GEMMA), mask))
-            span_bits = tl.max(tl.max(tl.max(bits, axis=2), axis=1), axis=0)
-            amax_bits = tl.maximum(amax_bits, span_bits)
+                x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask)
+                m = _max_nan(m, tl.abs((x * rstd) * _load_w(W_PTR, cols, mask, GEMMA)))
+            span_amax = _amax(m, None, False)
+            amax = _max_nan(amax, span_amax)
             if Q_MODE == Q_ROW:
-                span_scale = tl.maximum(span_bits, AMAX_FLOOR_BITS).to(tl.float32, bitcast=True) * INV_FMAX
+                span_scale = span_amax * INV_FMAX
                 tl.store(SCALE_PTR + row.to(tl.int64) * scale_stride_m + tl.cast(s // SPAN, tl.int64) * scale_stride_g,
                          span_scale)  # fmt: skip
         if Q_MODE != Q_AMAX:
             for c in range(s, s + SPAN, CH):
                 cols = c + cols0
                 mask = cols < end
-                x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask, HAS_RES)
+                x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask)
                 y = (x * rstd) * _load_w(W_PTR, cols, mask, GEMMA)
                 _write_tile(
                     x, y, rows, (c // GS) + g, cols, mask, (c + g * GS) < end, span_scale,
                     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                    GS, HAS_RES, HAS_OUT, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+                    GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
                 )  # fmt: skip
-    return amax_bits
+    return amax
 
 
 @triton.jit
@@ -339,64 +271,81 @@ def _q_block(
     X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-    N: tl.constexpr, SPAN: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
-    CHUNKED: tl.constexpr, HAS_RES: tl.constexpr, HAS_OUT: tl.constexpr, GEMMA: tl.constexpr,
-    Q_MODE: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
+    CHUNKED: tl.constexpr, SPAN: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
+    INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
 ):  # fmt: skip
-    """Row block ``blk``: ROWS whole rows in registers, or (CHUNKED) row ``blk`` in chunks.
+    """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups.
 
-    Returns the block's amax bits (int32 scalar) in Q_AMAX mode, else 0.
+    Returns the block's amax in Q_AMAX mode, else 0.
     """
     if CHUNKED:
         return _row_chunked(
             blk, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, SPAN, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+            N, SPAN, NG, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
         )  # fmt: skip
     else:
-        bits = _rows_single(
+        return _rows(
             blk * ROWS, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, ROWS, NG, GS, HAS_RES, HAS_OUT, GEMMA, Q_MODE, FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
         )  # fmt: skip
-        if Q_MODE == Q_AMAX:
-            return tl.max(tl.max(tl.max(bits, axis=2), axis=1), axis=0)
-        else:
-            return 0
+
+
+@triton.jit
+def _k_block(
+    blk, M, eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
+    N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
+    CHUNKED: tl.constexpr, GEMMA: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    """k row block ``blk``: the plain norm into k_out (no residual, never quantized)."""
+    if CHUNKED:
+        _row_chunked(
+            blk, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
+            None, None, None, None, None, N, N, NG, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA,
+        )  # fmt: skip
+    else:
+        _rows(
+            blk * ROWS, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
+            None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the kernel
 
 
-@triton.jit(do_not_specialize=["M", "q_programs", "k_programs", "amax_count"])
+@triton.jit(do_not_specialize=["M", "q_programs", "amax_count"])
 def _qk_rmsnorm_kernel(
     Q_PTR, q_stride,  # q [M, N1], fp16/bf16, unit column stride
-    Q_RES_PTR, q_res_stride,  # q_residual [M, N1] (HAS_RES)
+    Q_RES_PTR, q_res_stride,  # q_residual [M, N1], or None
     Q_W_PTR,  # q_weight [N1]
-    Q_OUT_PTR, q_out_stride,  # normalized q [M, N1] (HAS_Q_OUT)
-    Q_RES_OUT_PTR, q_res_out_stride,  # rnd(q + q_residual) [M, N1] (HAS_RES)
-    Q_QUANT_PTR, q_quant_stride,  # FP8 codes [M, N1] or MXFP4 bytes [M, N1/2], as uint8
-    Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,  # scales: fp32 (FP8) or uint8 (E8M0)
-    K_PTR, k_stride,  # k [M, N2] (HAS_K)
-    K_W_PTR,  # k_weight [N2]
-    K_OUT_PTR, k_out_stride,  # normalized k [M, N2]
-    AMAX_PTR, amax_count,  # per-tensor: int32 amax bits, one per program of the Q_AMAX launch
+    Q_OUT_PTR, q_out_stride,  # normalized q [M, N1], or None
+    Q_RES_OUT_PTR, q_res_out_stride,  # rnd(q + q_residual) [M, N1] (with Q_RES_PTR), or None
+    Q_QUANT_PTR, q_quant_stride,  # FP8 codes [M, N1] (uint8 for e4m3fnuz) or MXFP4 bytes [M, N1/2], or None
+    Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,  # scales: fp32 (FP8) or uint8 (E8M0), or None
+    K_PTR, k_stride,  # k [M, N2], or None
+    K_W_PTR,  # k_weight [N2], or None
+    K_OUT_PTR, k_out_stride,  # normalized k [M, N2], or None
+    AMAX_PTR, amax_count,  # per-tensor: fp32 amax partials, one per program of the Q_AMAX launch; or None
     M,  # rows
     q_eps, k_eps,  # fp32 epsilons
-    q_programs, k_programs,  # programs owning q row blocks, then k row blocks
+    q_programs,  # programs owning q row blocks (the rest of the grid owns k row blocks)
     N1: tl.constexpr, N2: tl.constexpr,  # q width, k width
+    Q_ROWS: tl.constexpr, Q_NG: tl.constexpr, Q_NT: tl.constexpr, Q_GS: tl.constexpr,  # Q_NT tiles [Q_ROWS, Q_NG, Q_GS]
+    Q_CHUNKED: tl.constexpr,  # q rows wider than a tile: one row per program, in chunks of Q_NG groups
     Q_SPAN: tl.constexpr,  # chunked q rows: columns sharing one scale (Q_ROW), else N1
-    Q_ROWS: tl.constexpr, Q_NG: tl.constexpr, Q_GS: tl.constexpr,  # q tile [Q_ROWS, Q_NG, Q_GS]
-    Q_CHUNKED: tl.constexpr,  # q rows wider than the tile: one row per step, in chunks
-    K_ROWS: tl.constexpr, K_BLOCK: tl.constexpr, K_CHUNKED: tl.constexpr,  # k tile [K_ROWS, 1, K_BLOCK]
-    HAS_K: tl.constexpr, HAS_RES: tl.constexpr, HAS_Q_OUT: tl.constexpr, GEMMA: tl.constexpr,
+    K_ROWS: tl.constexpr, K_NG: tl.constexpr, K_NT: tl.constexpr, K_GS: tl.constexpr,  # k tiles, likewise
+    K_CHUNKED: tl.constexpr,
+    K_WITH_Q: tl.constexpr,  # q program p also normalizes k row block p (K_ROWS == Q_ROWS)
+    GEMMA: tl.constexpr,
     Q_MODE: tl.constexpr,  # one of Q_NONE .. Q_AMAX
-    FMAX: tl.constexpr, INV_FMAX: tl.constexpr, FNUZ: tl.constexpr,  # FP8 flavour
+    INV_FMAX: tl.constexpr,  # fl32(1/FMAX) of the FP8 flavour
+    FP8_ENC: tl.constexpr,  # how FP8 bytes are made (triton_quant_kernels.FP8_*)
     AMAX_BLOCK: tl.constexpr,  # Q_TENSOR: power of two >= amax_count
-    NATIVE_FP8: tl.constexpr, NATIVE_CAST: tl.constexpr,  # hardware RNE conversions usable
+    NATIVE_CAST: tl.constexpr,  # hardware RNE fp32 -> bf16 usable
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
@@ -410,39 +359,39 @@ def _qk_rmsnorm_kernel(
     pid = tl.program_id(0)
     if pid < q_programs:
         if Q_MODE == Q_AMAX:  # a capped grid: each program folds several row blocks into one partial
-            amax_bits = pid * 0
+            amax = 0.0
             blk = pid
             while blk < (M if Q_CHUNKED else tl.cdiv(M, Q_ROWS)):
-                amax_bits = tl.maximum(amax_bits, _q_block(
+                amax = _max_nan(amax, _q_block(
                     blk, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
-                    Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
-                    Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
-                    N1, Q_SPAN, Q_ROWS, Q_NG, Q_GS, Q_CHUNKED, HAS_RES, HAS_Q_OUT, GEMMA, Q_MODE,
-                    FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+                    None, None, None, None, None, None, None, None, None,
+                    N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
+                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
                 ))  # fmt: skip
                 blk += q_programs
-            tl.store(AMAX_PTR + pid, amax_bits)
+            tl.store(AMAX_PTR + pid, amax)
         else:
             scale = 0.0
             if Q_MODE == Q_TENSOR:
                 p = tl.arange(0, AMAX_BLOCK)
-                bits = tl.max(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0), axis=0)
-                scale = tl.maximum(bits, AMAX_FLOOR_BITS).to(tl.float32, bitcast=True) * INV_FMAX
+                amax = tl.reduce(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0.0), None, _max_nan)
+                scale = amax * INV_FMAX
                 if pid == 0:
                     tl.store(Q_SCALE_PTR, scale)
             _q_block(
                 pid, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
-                N1, Q_SPAN, Q_ROWS, Q_NG, Q_GS, Q_CHUNKED, HAS_RES, HAS_Q_OUT, GEMMA, Q_MODE,
-                FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+                N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
+                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
             )  # fmt: skip
-    elif HAS_K:
-        kp = pid - q_programs
-        _q_block(
-            kp, M, k_eps, 0.0, K_PTR, k_stride, K_PTR, k_stride, K_W_PTR,
-            K_OUT_PTR, k_out_stride, K_OUT_PTR, k_out_stride,
-            K_OUT_PTR, k_out_stride, K_OUT_PTR, k_out_stride, k_out_stride,
-            N2, N2, K_ROWS, 1, K_BLOCK, K_CHUNKED, False, True, GEMMA, Q_NONE,
-            FMAX, INV_FMAX, FNUZ, NATIVE_FP8, NATIVE_CAST, FMA,
+            if K_WITH_Q:
+                _k_block(
+                    pid, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
+                    N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA,
+                )  # fmt: skip
+    elif K_PTR is not None:
+        _k_block(
+            pid - q_programs, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
+            N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA,
         )  # fmt: skip

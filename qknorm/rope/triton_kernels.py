@@ -28,21 +28,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..backends.triton_kernels import _fp8_code, _quotient, _to_out
+from ..backends.triton_quant_kernels import fp8_code, quotient, to_out
 
 
 @triton.jit
 def _rnd(x, PTR, NATIVE: tl.constexpr):
     """``f(rnd(x))``: round fp32 to PTR's element type (fp16/bf16) with RNE and back to fp32."""
-    return _to_out(x, PTR, NATIVE).to(tl.float32)
+    return to_out(x, PTR, NATIVE).to(tl.float32)
 
 
 @triton.jit
 def _fp8(x, scale, FMAX: tl.constexpr, FNUZ: tl.constexpr, NATIVE: tl.constexpr, FMA: tl.constexpr):
     """FP8 byte of ``clamp(x / scale, -FMAX, FMAX)``, RNE; ``scale`` broadcasts against ``x``."""
-    v = _quotient(x, scale, FMA)
+    v = quotient(x, scale, FMA)
     v = tl.where(v > FMAX, FMAX, tl.where(v < -FMAX, -FMAX, v))
-    return _fp8_code(v, FNUZ, NATIVE and not FNUZ)
+    return fp8_code(v, FNUZ, NATIVE and not FNUZ)
 
 
 @triton.jit
@@ -121,10 +121,10 @@ def _store_rows(
             tl.store(OUT_PTR + base + i1, _fp8(z1, scale, FMAX, FNUZ, NATIVE_FP8, FMA), mask=m1)
             tl.store(OUT_PTR + base + i2, _fp8(z2, scale, FMAX, FNUZ, NATIVE_FP8, FMA), mask=m1)
     else:
-        tl.store(OUT_PTR + base + j, _to_out(zp, OUT_PTR, NATIVE), mask=mp)
+        tl.store(OUT_PTR + base + j, to_out(zp, OUT_PTR, NATIVE), mask=mp)
         if ROT > 0:
-            tl.store(OUT_PTR + base + i1, _to_out(z1, OUT_PTR, NATIVE), mask=m1)
-            tl.store(OUT_PTR + base + i2, _to_out(z2, OUT_PTR, NATIVE), mask=m1)
+            tl.store(OUT_PTR + base + i1, to_out(z1, OUT_PTR, NATIVE), mask=m1)
+            tl.store(OUT_PTR + base + i2, to_out(z2, OUT_PTR, NATIVE), mask=m1)
 
 
 @triton.jit

@@ -1,0 +1,194 @@
+"""Number encoders of the Triton kernels (SPEC §4 rules 4, 6, 7, 11, 12): ``@triton.jit`` code only.
+
+Every helper is exact: the outputs are the bits torch's casts and :mod:`qknorm.reference` give.
+Conversions that the target does natively with round-to-nearest-even (fp32 -> bf16 and
+fp32 -> e4m3fn on NVIDIA sm_89+) use the hardware; everything else (the interpreter, ROCm,
+e4m3fnuz) uses the integer encoders here, which are plain Triton and run on any target.
+
+Instruction counts matter: at prefill sizes the quantizing kernels issue about as many
+instructions as they move bytes (on the H200 at M = 65536, 20-25 instructions per q element
+for MXFP4 left it issue-bound at 51% of DRAM bandwidth), so each encoder is written to its
+shortest exact form; per-element counts quoted below are from the SASS of the sm_90 kernel.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import triton
+import triton.language as tl
+
+# Bits of fl32(1e-10), the amax floor (SPEC §4 rule 6), and fl32(1e-10), fl32(1/6) (rule 11).
+AMAX_FLOOR = tl.constexpr(struct.unpack("<f", struct.pack("<f", 1e-10))[0])
+MXFP4_INV_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<f", 1.0 / 6.0))[0])
+FLT_MAX = tl.constexpr(struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0])
+
+# How FP8 codes are produced (compile-time FP8_ENC).
+FP8_SOFT_FN = tl.constexpr(0)  # integer encoder, e4m3fn
+FP8_SOFT_FNUZ = tl.constexpr(1)  # integer encoder, e4m3fnuz
+FP8_HW_FN = tl.constexpr(2)  # the hardware's saturating e4m3fn conversion
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (torch.amax does): ``max.NaN.f32`` on NVIDIA, one instruction."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(y, axis: tl.constexpr, keep_dims: tl.constexpr):
+    """``max(1e-10, max |y|)`` along ``axis`` (all axes if None), NaN-propagating (rule 6)."""
+    if axis is None:
+        a = tl.reduce(tl.abs(y), None, _max_nan)
+    else:
+        a = tl.reduce(tl.abs(y), axis, _max_nan, keep_dims=keep_dims)
+    return _max_nan(a, AMAX_FLOOR)
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 with round-to-nearest-even in integer arithmetic (NaN stays NaN)."""
+    b = x.to(tl.int32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, b | 0x400000, r)
+    return (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_out(x, OUT_PTR, NATIVE: tl.constexpr):
+    """fp32 -> the output's element type (fp16 or bf16) with round-to-nearest-even."""
+    if OUT_PTR.dtype.element_ty == tl.bfloat16:
+        if NATIVE:
+            return x.to(tl.bfloat16)
+        else:
+            return _bf16_rne(x)
+    else:
+        return x.to(OUT_PTR.dtype.element_ty)
+
+
+@triton.jit
+def fp8_code(v, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 ``v`` (|v| < 464 for e4m3fn, < 248 for e4m3fnuz, or NaN) -> FP8 byte, RNE, as torch's casts.
+
+    Out of that range torch saturates; the kernels never get there (|y / scale| <= FMAX (1 + 2^-22),
+    see :func:`quotient`), so no clamp is spent. Software path: normals round the fp32
+    significand to 3 bits in integer arithmetic; subnormals are rounded by the FPU itself by
+    adding a power of two whose ulp is the FP8 subnormal step (2^-9 for e4m3fn: 2^14; 2^-10 for
+    e4m3fnuz: 2^13), the integer difference of the bits then being the code (code 8 is the
+    smallest normal, as it should be). e4m3fn keeps the sign of zero and encodes NaN as
+    0x7F|sign; e4m3fnuz has no negative zero and 0x80 is NaN.
+    """
+    if NATIVE:
+        return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        b = v.to(tl.int32, bitcast=True)
+        a = b & 0x7FFFFFFF
+        sign = (b >> 24) & 0x80
+        mag = a.to(tl.float32, bitcast=True)
+        if FNUZ:
+            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 8) << 3)
+            sub = (mag + 8192.0).to(tl.int32, bitcast=True) - 0x46000000
+            code = tl.where(a < 0x3C000000, sub, normal)  # 2^-7: smallest e4m3fnuz normal
+            code = tl.where(code == 0, 0, code | sign)
+            code = tl.where(a > 0x7F800000, 0x80, code)
+        else:
+            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+            sub = (mag + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
+            code = tl.where(a < 0x3C800000, sub, normal)  # 2^-6: smallest e4m3fn normal
+            code = tl.where(a > 0x7F800000, 0x7F, code) | sign
+        return code.to(tl.uint8)
+
+
+@triton.jit
+def _div(a, b):
+    """IEEE a / b with broadcasting (``div_rn`` itself does not broadcast)."""
+    a, b = tl.broadcast(a, b)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def quotient(y, d, FMA: tl.constexpr):
+    """y / d correctly rounded for a divisor d >= 2^-43 shared by many y (broadcast from a smaller shape).
+
+    With a fused multiply-add, Markstein's correction of q0 = y * RN(1/d): r' = q0*d - y is
+    exact and RN(q0 - r' * RN(1/d)) = RN(y/d) (q0 is within 1 ulp; no over/underflow since
+    |y/d| <= FMAX (1 + 2^-22) and the divisor is normal). Three instructions per element
+    (FMUL, FFMA, FFMA) and one IEEE division per divisor: ``div_rn`` per element branches to a
+    slow path and serializes the row. Signs and special values come out as IEEE's without a
+    select: y = +-0 gives q0 = +-0, r' = +0 and q0 - (+0) * rcp = q0 with its sign; y NaN gives
+    NaN; an infinite divisor (amax = inf) gives rcp = 0, and d is clamped to FLT_MAX in the
+    residual so that r' = -y stays finite and y*0 + q0 = +-0 (NaN for y = +-inf), IEEE's y / inf.
+    Without FMA (the interpreter rounds the product): ``div_rn``.
+    """
+    if FMA:
+        rcp = _div(tl.full(d.shape, 1.0, tl.float32), d)
+        dc = tl.minimum(d, FLT_MAX)  # NaN stays NaN: rcp is NaN then and so is every quotient
+        q0 = y * rcp
+        # x * -1.0 is IEEE negation (the compiler folds it into the FMA); Triton's unary minus is
+        # 0 - x, which turns -0 into +0.
+        r = tl.fma(q0, dc, y * -1.0)
+        return tl.fma(r * -1.0, rcp, q0)
+    else:
+        return _div(y, d)
+
+
+@triton.jit
+def _fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
+    """Rule 7: FP8 bytes of fp8_rne(clamp(y / scale, -FMAX, FMAX)) (NaN kept), ``scale`` broadcast.
+
+    |y| <= amax and scale = fl32(amax * fl32(1/FMAX)), so |y / scale| <= FMAX (1 + 2^-22),
+    which every encoder here rounds to +-FMAX: the clamp is implied (and the hardware
+    conversion saturates anyway).
+    """
+    return fp8_code(quotient(y, scale, FMA), FP8_ENC == FP8_SOFT_FNUZ, FP8_ENC == FP8_HW_FN)
+
+
+@triton.jit
+def _e8m0(amax):
+    """Rule 11: E8M0 exponent byte e of ceil_pow2(fl32(amax * fl32(1/6))) (int32) and the fp32 2^(127-e)."""
+    t = (amax * MXFP4_INV_MAX).to(tl.int32, bitcast=True)
+    e = (t >> 23) & 0xFF
+    e += ((t & 0x7FFFFF) != 0).to(tl.int32) & (e != 255).to(tl.int32)  # ceil to a power of two
+    # 1 / 2^(e-127) exactly: exponent field 254 - e; 2^-127 is subnormal; 1/inf = 0.
+    inv_bits = tl.where(e == 254, 0x400000, tl.where(e == 255, 0, (254 - e) << 23))
+    return e, inv_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_code(v):
+    """Rule 12: E2M1 code (sign in bit 3) of fp32 v, RNE on {0,.5,1,1.5,2,3,4,6}, saturating; NaN -> 0.
+
+    The FPU rounds: the grid's step is 0.5 below 2, 1 in [2, 4) and 2 from 4, so adding
+    M = 2^22 * step (2^22, 2^23, 2^24 by the binade of |v|, clamped) rounds |v| to a multiple of
+    the step with round-to-nearest-even, and the bits of the sum minus those of M count the steps
+    k. The code is k plus two per binade above the first (k in {2, 3, 4} there), capped at 7.
+    About 12 instructions against 25 for counting the seven midpoints.
+    """
+    a = tl.where(v == v, tl.abs(v), 0.0)  # NaN -> 0
+    e = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 129)
+    big = (e + 22) << 23  # the bits of M
+    k = (a + big.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - big
+    code = tl.minimum(k + 2 * (e - 127), 7)
+    return code | ((v < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _e2m1_codes(y, e, inv, FMA: tl.constexpr):
+    """Rule 12 for a group: E2M1 codes of v = y / 2^(e-127) = y * inv (``e``, ``inv`` from :func:`_e8m0`).
+
+    With a fused multiply-add, :func:`_e2m1_code`'s rounding is fused with the scaling: the binade
+    of |v| is that of |y| shifted by 127 - e (no multiply needed to find M), and
+    fma(|y|, inv, M) = RN(|v| + M) exactly (|y| * inv is exact: a power-of-two scaling whose
+    subnormal results round to code 0 either way). About 10 instructions per element against
+    15. A group with e = 255 (amax inf or NaN, inv = 0) is all code 0, as y / inf and NaN give.
+    """
+    if FMA:
+        ay = tl.abs(y)
+        eb = tl.maximum((ay.to(tl.int32, bitcast=True) >> 23) + (127 - e), 127)  # binade of |v|, at least [1, 2)
+        big = (eb + 22) << 23  # the bits of M = 2^22 * step
+        k = tl.fma(ay, inv, big.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - big
+        keep = tl.where(inv == 0.0, 0, 0xF)
+        neg = tl.where(inv == 0.0, 0, 8)
+        return (tl.minimum(k + 2 * (eb - 127), 7) & keep) | tl.where(y < 0, neg, 0)
+    else:
+        return _e2m1_code(y * inv)
