@@ -27,13 +27,20 @@ import pytest
 import torch
 from _cases import DEVICE, FP8_FORMATS, Case, e2m1_encode, run_case
 
+import qknorm
 from qknorm.backends import registry
 from qknorm.backends import triton_backend as tb
 from qknorm.backends.triton_backend import TritonBackend
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode, QuantType
 from qknorm.reference import qk_rmsnorm_reference
-from qknorm.testing import assert_fp8_close, assert_mxfp4_close, assert_norm_close, assert_scales_close
+from qknorm.testing import (
+    assert_fp8_close,
+    assert_mxfp4_close,
+    assert_norm_close,
+    assert_scales_close,
+    backend_override,
+)
 
 triton = pytest.importorskip("triton")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -707,3 +714,26 @@ def test_row_and_program_counts_are_never_specialized() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert {"M", "q_programs", "amax_count"} <= set(ast.literal_eval(out.stdout))
+
+
+@pytest.mark.gpu
+def test_gpu_calls_of_one_signature_launch_from_their_plan_with_their_own_pointers() -> None:
+    """The public call's plan keeps its direct launch: later calls read only their pointers, so new
+    outputs, new inputs and a misaligned view (which falls back to the regular path) are all right."""
+    dev = torch.device("cuda")
+    latent = torch.empty(8, 2112 + 8, dtype=torch.bfloat16, device=dev)
+    qw = torch.randn(1536, dtype=torch.bfloat16, device=dev)
+    kw = torch.randn(512, dtype=torch.bfloat16, device=dev)
+    with backend_override("triton"):
+        for offset in (0, 0, 0, 8, 1, 0):  # offset 1: 2 bytes off a 16-byte boundary
+            latent.normal_()
+            q, k = latent[:, offset : offset + 1536], latent[:, offset + 1536 : offset + 2048]
+            q_out, k_out = torch.empty(8, 1536, dtype=q.dtype, device=dev), torch.empty(8, 512, dtype=q.dtype, device=dev)
+            qknorm.fused_qk_rmsnorm(q_out, None, q, qw, 1e-6, k_out=k_out, k=k, k_weight=kw)
+            expected = build_request(q=q, q_weight=qw, k=k, k_weight=kw, k_out=torch.empty_like(k_out),
+                                     q_out=torch.empty_like(q_out))  # fmt: skip
+            qk_rmsnorm_reference(expected)
+            assert_norm_close(q_out, expected.q_out, f"q_out (offset {offset})")  # type: ignore[arg-type]
+            assert_norm_close(k_out, expected.k_out, f"k_out (offset {offset})")  # type: ignore[arg-type]
+        backend = registry.get_backend("triton")
+        assert len(backend._planned) == 1  # type: ignore[attr-defined]  # one signature, one kept launch
