@@ -129,7 +129,7 @@ def test_backends_in_a_subprocess_with_a_broken_aiter(tmp_path):
 
 
 def test_demo_checks_every_row_against_the_reference_and_names_self_comparisons(capsys):
-    rc, out, _ = run(capsys, "demo", "--tokens", "1,3", "--iters", "1")
+    rc, out, _ = run(capsys, "demo", "--device", "cpu", "--tokens", "1,3", "--iters", "1")
     assert rc == 0
     rows = table_rows(out, "1") + table_rows(out, "3")
     assert [r[1].split()[0] for r in rows] == ["none", "fp8_group", "mxfp4"] * 2
@@ -161,7 +161,7 @@ class _WrongBackend:
 def test_demo_exits_1_when_a_result_is_wrong(capsys):
     previous = registry.register_backend("torch", _WrongBackend)  # type: ignore[arg-type]
     try:
-        rc, out, _ = run(capsys, "demo", "--tokens", "2", "--iters", "1")
+        rc, out, _ = run(capsys, "demo", "--device", "cpu", "--tokens", "2", "--iters", "1")
     finally:
         registry.register_backend("torch", previous)
     assert rc == 1

@@ -96,13 +96,13 @@ def test_fake_kernel_validates_with_the_same_message() -> None:
 
 
 def _layer(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-           table: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """One Qwen3-style step on a packed qkv: q out, k and v into the cache."""
+           table: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One Qwen3-style step on a packed qkv: q out (times 2: an op after ours), k and v into the cache."""
     t = qkv.shape[0]
     q, k, v = qkv.split((HQ * D, HK * D, HK * D), dim=-1)
     out = qknorm.qk_norm_rope(q.view(t, HQ, D), k.view(t, HK, D), qw, kw, table, pos, v=v.view(t, HK, D),
                               k_cache=kc, v_cache=vc, slot_mapping=slots)  # fmt: skip
-    return out.q * 2, kc.sum()
+    return out.q * 2
 
 
 def _inputs(t: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -111,7 +111,7 @@ def _inputs(t: int, seed: int) -> tuple[torch.Tensor, ...]:
     pos = torch.randint(0, 64, (t,), generator=g)
     slots = torch.randperm(NB * BS, generator=g)[:t]
     kc, vc = torch.zeros(NB, BS, HK, D, dtype=BF16), torch.zeros(NB, BS, HK, D, dtype=BF16)
-    return qkv, pos, slots, kc, vc
+    return tuple(x.to(DEVICE) for x in (qkv, pos, slots, kc, vc))
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
@@ -119,14 +119,14 @@ def _inputs(t: int, seed: int) -> tuple[torch.Tensor, ...]:
 def test_compile_fullgraph_matches_eager(dynamic: bool, compiler: str) -> None:
     table = cos_sin_table(64, D, torch.float32, DEVICE)
     g = torch.Generator().manual_seed(1)
-    qw, kw = (1 + 0.1 * torch.randn(D, generator=g)).to(BF16), (1 + 0.1 * torch.randn(D, generator=g)).to(BF16)
+    qw = (1 + 0.1 * torch.randn(D, generator=g)).to(BF16).to(DEVICE)
+    kw = (1 + 0.1 * torch.randn(D, generator=g)).to(BF16).to(DEVICE)
     compiled = torch.compile(_layer, backend=compiler, fullgraph=True, dynamic=dynamic)
     for t in (5, 9, 3):
         eager_in, comp_in = _inputs(t, t), _inputs(t, t)
         want = _layer(*eager_in, table, qw, kw)
         got = compiled(*comp_in, table, qw, kw)
-        for name, g_, w_ in zip(("q", "cache sum"), got, want):
-            assert torch.equal(g_, w_), f"{name} at T={t}"
+        assert torch.equal(got, want), f"q at T={t}"
         assert torch.equal(comp_in[3], eager_in[3]) and torch.equal(comp_in[4], eager_in[4]), f"caches at T={t}"
 
 
@@ -141,6 +141,6 @@ def test_backend_selection_never_runs_while_tracing(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(registry, "select", spy)
     table = cos_sin_table(64, D, torch.float32, DEVICE)
-    qw = kw = torch.ones(D, dtype=BF16)
+    qw = kw = torch.ones(D, dtype=BF16, device=DEVICE)
     torch.compile(_layer, backend="aot_eager", fullgraph=True)(*_inputs(4, 0), table, qw, kw)
     assert calls and not any(calls)

@@ -144,7 +144,7 @@ def test_fp8_tolerance_follows_the_quantized_value() -> None:
     xf = req.q.float()
     r = torch.rsqrt(torch.sum(xf * xf, -1, keepdim=True) / 128 + req.plan.q_eps) * (1 + 2.0**-22)  # 2 ulp off
     u = (xf * r).to(torch.bfloat16).float()
-    cos = torch.full((64, 1, 64), 0.5**0.5)
+    cos = torch.full((64, 1, 64), 0.5**0.5, device=u.device)
     moved = fp8_codes(rope_fp32(u, cos, cos, True).to(torch.bfloat16).float(), req.q_scale, torch.float8_e4m3fn)  # type: ignore[arg-type]
     with pytest.raises(AssertionError, match="beyond one step"):
         assert_rope_fp8_close(moved, req.q_out, "q_out, one-step rule")
