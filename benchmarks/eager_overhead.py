@@ -9,7 +9,8 @@ Per entry, DeepSeek shapes at M = 1 (q ``[1, 1536]`` and k ``[1, 512]``, bf16):
 - ``launch``: ``call - python``, the backend's own host work and the kernel launch (at M = 1 the
   GPU finishes each kernel before the host has launched the next, so it adds nothing here).
 - ``gpu``: the same call captured in a CUDA graph and replayed: the device time alone.
-- ``rms_norm x2``: two eager ``F.rms_norm`` calls on the same tensors, the simplest peer; and
+- ``rms_norm x2``: two eager ``F.rms_norm`` calls on the same tensors, the simplest peer (on
+  contiguous tensors and on the split views); and
   ``empty triton``: a Triton kernel that does nothing, launched from Python.
 
 Run::
@@ -18,7 +19,7 @@ Run::
     python benchmarks/eager_overhead.py --device cpu
 
 Layouts: ``contiguous`` (q and k separate tensors) and ``split`` (views of one ``[1, 2112]``
-latent, taken anew every call as a model does). Best of ``--repeats`` batches of ``--calls``.
+latent, as the model passes them). Best of ``--repeats`` batches of ``--calls``.
 """
 
 from __future__ import annotations
@@ -101,19 +102,19 @@ def _calls(device: torch.device) -> dict[str, Callable[[], object]]:
     q_c, k_c = latent[:, :1536].clone(), latent[:, 1536:2048].clone()
     wq, wk = torch.randn(1536, dtype=dt, device=device), torch.randn(512, dtype=dt, device=device)
     q_out, k_out = torch.empty_like(q_c), torch.empty_like(k_c)
-
-    def inplace_split() -> None:
-        q, k = latent[:, :1536], latent[:, 1536:2048]
-        qknorm.fused_qk_rmsnorm(q_out, None, q, wq, EPS, k_out=k_out, k=k, k_weight=wk, k_epsilon=EPS)
+    q_s, k_s = latent[:, :1536], latent[:, 1536:2048]  # split views of the latent, as a model passes them
 
     return {
         "fused_qk_rmsnorm contiguous": lambda: qknorm.fused_qk_rmsnorm(
             q_out, None, q_c, wq, EPS, k_out=k_out, k=k_c, k_weight=wk, k_epsilon=EPS
         ),
-        "fused_qk_rmsnorm split": inplace_split,
+        "fused_qk_rmsnorm split": lambda: qknorm.fused_qk_rmsnorm(
+            q_out, None, q_s, wq, EPS, k_out=k_out, k=k_s, k_weight=wk, k_epsilon=EPS
+        ),
         "qk_rmsnorm contiguous": lambda: qknorm.qk_rmsnorm(q_c, wq, k_c, wk, q_epsilon=EPS),
         "qk_rmsnorm fp8_group contiguous": lambda: qknorm.qk_rmsnorm(q_c, wq, k_c, wk, quant="fp8_group"),
         "rms_norm x2": lambda: (F.rms_norm(q_c, (1536,), wq, EPS), F.rms_norm(k_c, (512,), wk, EPS)),
+        "rms_norm x2 split": lambda: (F.rms_norm(q_s, (1536,), wq, EPS), F.rms_norm(k_s, (512,), wk, EPS)),
     }
 
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = registry.register_backend("null", _NullBackend)
     try:
         with backend_override("null"):
-            python = {name: _best_us(fn, args.calls, args.repeats, sync) for name, fn in calls.items() if "x2" not in name}
+            python = {name: _best_us(fn, args.calls, args.repeats, sync) for name, fn in calls.items() if "rms_norm" not in name}
     finally:
         registry.register_backend("null", previous)
     full: dict[str, float] = {}

@@ -297,7 +297,8 @@ def fused_qk_rmsnorm_legacy(
     return q_out, k_out
 
 
-_RESULT_FIELDS = ("k_out", "q_res_out", "q_out", "q_out_quantized", "q_out_scale")
+# Where qk_rmsnorm's outputs are in its call (plain indexing: Dynamo traces it).
+_K_OUT, _RES_OUT, _Q_OUT, _QUANT, _SCALE = (SLOT[n] for n in ("k_out", "q_res_out", "q_out", "q_out_quantized", "q_out_scale"))
 
 
 class QKNormOutput(NamedTuple):
@@ -461,7 +462,7 @@ def qk_rmsnorm(
         transpose_scale, return_unquantized,
     )  # fmt: skip
     submit(args, _AS_UNQUANTIZED)
-    k_out, res_out, q_out, quant_t, scale = (args[SLOT[n]] for n in _RESULT_FIELDS)
+    k_out, res_out, q_out, quant_t, scale = args[_K_OUT], args[_RES_OUT], args[_Q_OUT], args[_QUANT], args[_SCALE]
 
     none = mode is QuantMode.NONE
     q_main = q_out if none else quant_t
@@ -476,10 +477,4 @@ def qk_rmsnorm(
             scale = shaped(scale)
         if k_out is not None and k is not None:
             k_out = k_out.reshape(k.shape)
-    return QKNormOutput(
-        q=q_main,  # type: ignore[arg-type]
-        q_scale=scale,
-        k=k_out,
-        q_unquantized=q_unquantized,
-        q_residual_out=res_out,
-    )
+    return QKNormOutput(q_main, scale, k_out, q_unquantized, res_out)
