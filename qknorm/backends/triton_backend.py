@@ -129,7 +129,7 @@ class _Config:
     k_rows: int
     num_warps: int
     k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
-    one_tile: bool = False  # q rows in one padded power-of-two tile instead of tiles without padding
+    one_tile: bool = False  # q rows in one padded power-of-two tile (a variant no bucket selects: see _config)
 
 
 @dataclass
@@ -170,10 +170,12 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     q_tile, k_tile = plan.q_tile, plan.k_tile
     if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_DECODE_MAX_M):
         # Latency: k rows in programs of their own (with its q row, a program's two chains ran
-        # one after the other: 1.81 against 1.37 µs at M = 1); group maxima in one padded tile
-        # (three tiles are three group reductions and scale-layout conversions in a row: FP8
-        # 1x128 at M = 1 took 1.78 µs in three tiles, 1.64 in one).
-        return _Config(1, 1, _warps(q_tile, _EPT_DECODE), one_tile=plan.grouped)
+        # one after the other: 1.81 against 1.37 µs at M = 1). The q row keeps the tiles of every
+        # other bucket, so its sum of squares is reduced in the same order whatever the row count
+        # (batch invariance): one padded tile here was faster for the group modes (FP8 1x128 at
+        # M = 1: 1.60 against 1.74 µs on the H200) but changed the last bits of r, and so of the
+        # outputs, between a row decoded alone and the same row in a batch of 3000 or 20000.
+        return _Config(1, 1, _warps(q_tile, _EPT_DECODE))
     if plan.q_chunked or plan.k_chunked:
         return _Config(1, 1 if plan.k_chunked else max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
     if plan.quantizes and m_hi <= _QUANT_MID_MAX_M:
