@@ -72,6 +72,7 @@ PIPELINE = Pipeline(FIELDS, frozenset(n for n, p in _PARAMS.items() if "Tensor" 
 _DEFAULTS = tuple(p.default for p in _PARAMS.values())
 
 register_operator(OP, {
+    "aiter": lazy(".rope.aiter_backend", "RopeAiterBackend"),
     "triton": lazy(".rope.triton_launch", "RopeTritonBackend"),
     "torch": lazy(".rope.torch_backend", "RopeTorchBackend"),
 })  # fmt: skip
