@@ -10,8 +10,8 @@ v as views of one packed buffer, the kind's head counts, sizes, dtypes and rotat
 - the other tokens are random, compared within the tolerance table (``TOLERANCES["rope"]``:
   at most 1% of elements off; keeping fp32 between norm and RoPE instead of rounding (rule 2)
   moves far more);
-- with a cache, token 1 is padding (slot -1), slots are scattered over three blocks of a cache
-  filled with random bytes: written entries within tolerance, every other byte unchanged, v
+- with a cache, token 1 is padding (slot -1), slots are scattered over at least three blocks of a cache
+  filled with random values: written entries within tolerance, every other byte unchanged, v
   bit for bit. The cache is given in each layout the generation claims to address
   (contiguous; a view of a ``[num_blocks, 2, ...]`` allocation from #3640; a permuted HND view
   from #4312).
@@ -36,8 +36,12 @@ _T, _POSITIONS, _BLOCKS = 6, 8, 3
 LAYOUTS = {"contiguous": ("contiguous",), "block": ("contiguous", "unbind"), "strided": ("contiguous", "unbind", "hnd")}
 
 
+def _blocks(plan: RopePlan) -> int:
+    return max(_BLOCKS, -(-2 * _T // plan.block_size))  # room for the tokens twice over
+
+
 def _cache(plan: RopePlan, layout: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    nb, bs, hk, d = _BLOCKS, plan.block_size, plan.hk, plan.d
+    nb, bs, hk, d = _blocks(plan), plan.block_size, plan.hk, plan.d
     def noise(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(plan.cache_dtype).to(plan.device)  # type: ignore[arg-type]
 
@@ -74,7 +78,7 @@ def _inputs(plan: RopePlan, layout: str) -> dict[str, Any]:
         call["positions"] = positions.to(plan.index_dtypes[0]).to(dev)  # type: ignore[arg-type]
     if plan.has_cache:
         kc, vc = _cache(plan, layout, gen)
-        slots = torch.randperm(_BLOCKS * plan.block_size, generator=gen)[:t]
+        slots = torch.randperm(_blocks(plan) * plan.block_size, generator=gen)[:t]
         slots[1] = -1
         call.update(v=v, k_cache=kc, v_cache=vc, slot_mapping=slots.to(plan.index_dtypes[1]).to(dev))  # type: ignore[arg-type]
     return call
