@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..backends import registry
-from ..backends.aiter_backend import _capturing, _caps, _is_build_failure
+from ..backends.aiter_backend import _caps, _capturing, _is_build_failure
 from ..backends.aiter_binding import ROPE_MODULE, shape_mismatch, try_import
 from ..backends.base import BackendUnavailable, RequestRefused
 from .aiter_adapter import PTS, PTS_PARAMS, PtsAdapter, read_caps
@@ -200,9 +200,9 @@ class RopeAiterBackend:
         after = names[names.index(self.name) + 1 :] if self.name in names else names
         passed: list[str] = []
         for name in after:
-            ok, reason = registry.probe(name, OP)
+            ok, unavailable = registry.probe(name, OP)
             backend = registry.get_backend(name, OP) if ok else None
-            reason = reason if backend is None else backend.supports(req)
+            reason = unavailable if backend is None else backend.supports(req)
             if backend is None or reason is not None:
                 passed.append(f"{name}: {reason}")
                 continue
@@ -244,7 +244,7 @@ class RopeAiterBackend:
         if self._adapter is not None:
             info[f"bound: {PTS}"] = f"{self._adapter.entry}: {self._adapter.features()}"
         else:
-            info["not bound"] = self._broken
+            info["not bound"] = self._broken or "aiter is not bound"
         info["not bound: fused_qk_norm_rope_cache_quant_shuffle"] = (
             "writes only aiter's 5-D shuffle cache with dynamic per-token scales (no NHD request)")  # fmt: skip
         with self._lock:

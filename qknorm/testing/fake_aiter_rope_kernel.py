@@ -125,7 +125,7 @@ def _rope(u: torch.Tensor, flat: torch.Tensor, base: torch.Tensor, rot: int, neo
     half = rot // 2
     uf = u.float()
     out = uf.clone()
-    nan = torch.full(u.shape[:-1] + (vec,), float("nan"))
+    nan = torch.full((*u.shape[:-1], vec), float("nan"))
 
     def load(off: int) -> torch.Tensor:  # a VEC-element vector at pos*R + off: [T, 1, VEC]
         idx = base[:, None] + off + torch.arange(vec)
