@@ -23,8 +23,14 @@ def test_check_rows_pass_for_triton() -> None:
 
 
 def test_check_rows_skip_backends_without_an_entry_point() -> None:
+    rows, passes, failures = cli.check_rows(["flashinfer"], [torch.device("cpu")], True)
+    assert (passes, failures) == (0, 0) and rows[0][3] == "skip" and "no flashinfer backend is registered" in str(rows[0][5])
+
+
+def test_check_rows_skip_aiter_when_it_is_not_installed() -> None:
     rows, passes, failures = cli.check_rows(["aiter"], [torch.device("cpu")], True)
-    assert (passes, failures) == (0, 0) and rows[0][3] == "skip" and "no aiter backend is registered" in str(rows[0][5])
+    assert (passes, failures) == (0, 0) and {r[3] for r in rows} == {"skip"}
+    assert all(r[5] == "aiter is not installed" for r in rows)
 
 
 class _Zeros:

@@ -26,7 +26,12 @@ Row = tuple[object, ...]
 
 
 def backend_rows() -> list[Row]:
-    return [(i.name, "yes" if i.available else "no", i.reason) for i in registry.describe(OP)]
+    """Each backend of ``qk_norm_rope`` and, indented below it, what it bound (aiter: entry, generation, probes)."""
+    rows: list[Row] = []
+    for i in registry.describe(OP):
+        rows.append((i.name, "yes" if i.available else "no", i.reason))
+        rows += [(f"  {i.name} {key}", "", value) for key, value in i.details.items()]
+    return rows
 
 
 def _call(t: int, hq: int, hk: int, d: int, rot: int, dev: torch.device, cache: torch.dtype | None, seed: int,

@@ -64,6 +64,7 @@ def call_args(
 
 
 register_operator(OP, {
+    "aiter": lazy(".rope.aiter_backend", "RopeAiterBackend"),
     "triton": lazy(".rope.triton_launch", "RopeTritonBackend"),
     "torch": lazy(".rope.torch_backend", "RopeTorchBackend"),
 })  # fmt: skip
