@@ -21,7 +21,7 @@ import torch
 
 import qknorm
 from qknorm.backends import registry
-from qknorm.backends.aiter_backend import AiterBackend, _is_build_failure
+from qknorm.backends.aiter_backend import AiterBackend, is_build_failure
 from qknorm.backends.aiter_binding import shape_mismatch
 from qknorm.backends.base import BackendUnavailable
 from qknorm.checks import build_request
@@ -430,10 +430,10 @@ def test_build_failures_are_told_from_runtime_errors():
             except RuntimeError as exc:
                 return exc
 
-    assert _is_build_failure(aiter_build_failure())
-    assert _is_build_failure(OSError("undefined symbol: _ZN5aiter"))
-    assert not _is_build_failure(RuntimeError("HIP error: an illegal memory access was encountered"))
-    assert not _is_build_failure(ValueError("q_out_scale must have shape [m, 1]"))
+    assert is_build_failure(aiter_build_failure())
+    assert is_build_failure(OSError("undefined symbol: _ZN5aiter"))
+    assert not is_build_failure(RuntimeError("HIP error: an illegal memory access was encountered"))
+    assert not is_build_failure(ValueError("q_out_scale must have shape [m, 1]"))
 
 
 # ----------------------------------------------------------------------------- the fakes themselves

@@ -176,7 +176,7 @@ def test_probe_runs_once_per_kind_and_not_per_width():
 
 
 def test_probe_never_runs_during_capture_or_tracing(monkeypatch):
-    monkeypatch.setattr(aiter_backend, "_capturing", lambda device: True)
+    monkeypatch.setattr(aiter_backend, "capturing", lambda device: True)
     inp = latent()
     with fake_aiter.install("unified") as fake:
         backend = registry.get_backend("aiter")

@@ -161,7 +161,7 @@ def test_probe_lowers_the_layout_when_the_build_writes_views_wrong(monkeypatch: 
 def test_probe_never_runs_during_capture(monkeypatch: pytest.MonkeyPatch):
     from qknorm.rope import aiter_backend
 
-    monkeypatch.setattr(aiter_backend, "_capturing", lambda device: True)
+    monkeypatch.setattr(aiter_backend, "capturing", lambda device: True)
     with fake_aiter_rope.install("pts_v4531") as fake:
         backend, why = route(call())
         assert backend == "torch" and "qknorm.warmup_qk_norm_rope" in why and fake.calls == []

@@ -129,8 +129,8 @@ def test_encoders_match_torch_casts_bit_for_bit(fp8: torch.dtype, native: bool) 
 def _e2m1_scaled_kernel(Y_PTR, A_PTR, OUT_PTR, SCALE_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    e, inv = tq._e8m0(tl.load(A_PTR + offs, mask=mask, other=1.0))
-    tl.store(OUT_PTR + offs, tq._e2m1_codes(tl.load(Y_PTR + offs, mask=mask, other=0.0), e, inv, FMA).to(tl.uint8),
+    e, inv = tq.e8m0(tl.load(A_PTR + offs, mask=mask, other=1.0))
+    tl.store(OUT_PTR + offs, tq.e2m1_codes(tl.load(Y_PTR + offs, mask=mask, other=0.0), e, inv, FMA).to(tl.uint8),
              mask=mask)  # fmt: skip
     tl.store(SCALE_PTR + offs, e.to(tl.uint8), mask=mask)
 

@@ -57,7 +57,7 @@ GENERATIONS = tuple(name for name, _ in BINDERS)  # newest first
 _WIDTH_MULTIPLE = 8
 
 
-def _caps(aiter: Any) -> AiterCaps:
+def aiter_caps(aiter: Any) -> AiterCaps:
     version = getattr(aiter, "__version__", None)
     for dist in ("amd-aiter", "aiter"):
         if version is None:
@@ -86,7 +86,7 @@ def _arch_fp8(device: torch.device) -> torch.dtype | None:
     return fp8_dtype_for_arch(str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")))
 
 
-def _is_build_failure(exc: BaseException) -> bool:
+def is_build_failure(exc: BaseException) -> bool:
     """aiter's JIT build failure (``RuntimeError("[aiter] build [module] ... failed")``) or a .so that won't load."""
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -128,7 +128,7 @@ def _probe_key(adapter: Adapter, req: QKNormRequest) -> tuple[object, ...]:
             req.transpose_scale)  # fmt: skip
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if compiling is not None and compiling():
         return True
@@ -155,7 +155,7 @@ class AiterBackend:
         self._probed = False
         self._absent: str | None = None  # not installed: quietly unavailable
         self._broken: str | None = None  # installed but unusable: BackendUnavailable
-        self._caps: AiterCaps | None = None
+        self.aiter_caps: AiterCaps | None = None
         self._adapters: list[Adapter] = []
         self._notes: list[str] = []  # why each unbound generation did not bind
         self._routes: dict[tuple[object, ...], Adapter] = {}
@@ -172,7 +172,7 @@ class AiterBackend:
                     self._absent = "aiter is not installed"
                     return
                 aiter = importlib.import_module("aiter")
-                self._caps = _caps(aiter)
+                self.aiter_caps = aiter_caps(aiter)
                 gq, gq_why = try_import(GQ_MODULE)
                 rope, rope_why = try_import(ROPE_MODULE)
             except (Exception, SystemExit) as exc:
@@ -189,7 +189,7 @@ class AiterBackend:
                     self._adapters.append(result)
             if not self._adapters:
                 self._broken = (
-                    f"aiter {self._caps.version} has no usable fused Q/K RMSNorm entry ({'; '.join(self._notes)})"
+                    f"aiter {self.aiter_caps.version} has no usable fused Q/K RMSNorm entry ({'; '.join(self._notes)})"
                 )
 
     def available(self) -> tuple[bool, str]:
@@ -203,10 +203,10 @@ class AiterBackend:
 
     @property
     def _version(self) -> str:
-        return self._caps.version if self._caps is not None else "unknown version"
+        return self.aiter_caps.version if self.aiter_caps is not None else "unknown version"
 
     def _fp8(self, device: torch.device) -> torch.dtype | None:
-        reported = self._caps.fp8 if self._caps is not None else None
+        reported = self.aiter_caps.fp8 if self.aiter_caps is not None else None
         return reported if reported is not None else _arch_fp8(device)
 
     def _common_unsupported(self, req: QKNormRequest) -> str | None:
@@ -223,7 +223,7 @@ class AiterBackend:
 
     def supports(self, req: QKNormRequest) -> str | None:
         self._probe()
-        if not self._adapters or self._caps is None:
+        if not self._adapters or self.aiter_caps is None:
             return self._absent or self._broken or "aiter is not bound"
         why = self._common_unsupported(req)
         if why is not None:
@@ -231,7 +231,7 @@ class AiterBackend:
         fp8 = self._fp8(req.device) if req.mode.is_fp8 else None
         reasons: dict[str, list[str]] = {}  # reason -> generations giving it
         for adapter in self._adapters:
-            why = adapter.supports(req, self._caps, fp8) or self._behaviour(adapter, req)
+            why = adapter.supports(req, self.aiter_caps, fp8) or self._behaviour(adapter, req)
             if why is None:
                 self._routes[req.key()] = adapter
                 return None
@@ -244,7 +244,7 @@ class AiterBackend:
         with self._probe_lock:
             done = self._probes.get(key)
             if done is None:
-                if _capturing(req.device):
+                if capturing(req.device):
                     return "aiter's behavioural probe for this kind has not run; call qknorm.warmup before capture"
                 try:
                     done = (kind(req), self._run_probe(adapter, req))
@@ -256,9 +256,9 @@ class AiterBackend:
     def _run_probe(self, adapter: Adapter, req: QKNormRequest) -> str | None:
         actual, expected = probe_requests(req)
         try:
-            adapter.run(actual, self._caps)  # type: ignore[arg-type]
+            adapter.run(actual, self.aiter_caps)  # type: ignore[arg-type]
         except Exception as exc:
-            if not adapter.proven and _is_build_failure(exc):
+            if not adapter.proven and is_build_failure(exc):
                 raise BackendUnavailable(
                     f"{adapter.entry} failed to build or load on first use: {type(exc).__name__}: {exc}"
                 ) from exc
@@ -286,11 +286,11 @@ class AiterBackend:
                 raise RuntimeError(f"aiter cannot serve this request: {why}")
             adapter = self._routes[req.key()]
         try:
-            adapter.run(req, self._caps)  # type: ignore[arg-type]
+            adapter.run(req, self.aiter_caps)  # type: ignore[arg-type]
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
-            if not adapter.proven and _is_build_failure(exc):
+            if not adapter.proven and is_build_failure(exc):
                 raise BackendUnavailable(
                     f"{adapter.entry} failed to build or load on first use: {type(exc).__name__}: {exc}"
                 ) from exc
@@ -325,10 +325,10 @@ class AiterBackend:
         info: dict[str, str] = {}
         if self._absent is not None:
             return info
-        if self._caps is not None:
-            info["aiter"] = f"{self._caps.version} at {self._caps.location}"
-            info["fp8 dtype"] = str(self._caps.fp8) if self._caps.fp8 is not None else "not reported"
-            info["fp4x2 dtype"] = str(self._caps.fp4x2) if self._caps.fp4x2 is not None else "none"
+        if self.aiter_caps is not None:
+            info["aiter"] = f"{self.aiter_caps.version} at {self.aiter_caps.location}"
+            info["fp8 dtype"] = str(self.aiter_caps.fp8) if self.aiter_caps.fp8 is not None else "not reported"
+            info["fp4x2 dtype"] = str(self.aiter_caps.fp4x2) if self.aiter_caps.fp4x2 is not None else "none"
         for i, a in enumerate(self._adapters):
             label = "bound (preferred)" if i == 0 else "bound"
             info[f"{label}: {a.generation}"] = f"{a.entry} (aiter {a.since}): {a.features()}"

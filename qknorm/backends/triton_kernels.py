@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_quant_kernels import _amax, _e2m1_codes, _e8m0, _fp8_codes, _max_nan, to_out
+from .triton_quant_kernels import e2m1_codes, e8m0, fp8_codes, max_nan, nan_amax, to_out
 
 __all__ = ["_qk_rmsnorm_kernel"]
 
@@ -80,9 +80,9 @@ def _row_sum(t, ROWS: tl.constexpr):
 def _row_amax(y, ROWS: tl.constexpr):
     """``max(1e-10, max |y|)`` over a tile's row (NaN-propagating), shaped as :func:`_row_sum`."""
     if ROWS == 1:
-        return _amax(y, None, False)
+        return nan_amax(y, None, False)
     else:
-        return tl.reduce(_amax(y, 2, True), 1, _max_nan, keep_dims=True)
+        return tl.reduce(nan_amax(y, 2, True), 1, max_nan, keep_dims=True)
 
 
 @triton.jit
@@ -115,16 +115,16 @@ def _write_tile(
     if OUT_PTR is not None:
         tl.store(OUT_PTR + rows * out_stride + cols, to_out(y, OUT_PTR, NATIVE_CAST), mask=mask)
     if Q_MODE == Q_GROUP:
-        gscale = _amax(y, 2, True) * INV_FMAX
-        codes = _fp8_codes(y, gscale, FP8_ENC, FMA)
+        gscale = nan_amax(y, 2, True) * INV_FMAX
+        codes = fp8_codes(y, gscale, FP8_ENC, FMA)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, gscale, mask=gmask)
     elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
-        codes = _fp8_codes(y, scale, FP8_ENC, FMA)
+        codes = fp8_codes(y, scale, FP8_ENC, FMA)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
     elif Q_MODE == Q_MXFP4:
-        e, inv = _e8m0(_amax(y, 2, True))
-        c = _e2m1_codes(y, e, inv, FMA)
+        e, inv = e8m0(nan_amax(y, 2, True))
+        c = e2m1_codes(y, e, inv, FMA)
         lo, hi = tl.split(tl.reshape(c, (c.shape[0], c.shape[1], GS // 2, 2)))
         # Stores of 4 bytes per thread: the layout the byte pairs come out of the split in (8
         # codes per thread). With the full contiguity Triton stored 8 and first moved every
@@ -173,10 +173,10 @@ def _rows(
     a = tl.abs(ya)
     if NT > 1:
         yb = (xb * rstd) * wb
-        a = _max_nan(a, tl.abs(yb))
+        a = max_nan(a, tl.abs(yb))
     if NT > 2:
         yc = (xc * rstd) * wc
-        a = _max_nan(a, tl.abs(yc))
+        a = max_nan(a, tl.abs(yc))
     amax = 0.0
     if Q_MODE == Q_ROW or Q_MODE == Q_AMAX:
         amax = _row_amax(a, ROWS)
@@ -184,7 +184,7 @@ def _rows(
             scale = amax * INV_FMAX
             tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
         elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
-            amax = tl.reduce(tl.where(rmask, amax, 0.0), None, _max_nan)
+            amax = tl.reduce(tl.where(rmask, amax, 0.0), None, max_nan)
     if Q_MODE != Q_AMAX:
         _write_tile(
             xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
@@ -243,9 +243,9 @@ def _row_chunked(
                 cols = c + cols0
                 mask = cols < end
                 x = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask)
-                m = _max_nan(m, tl.abs((x * rstd) * _load_w(W_PTR, cols, mask, GEMMA)))
-            span_amax = _amax(m, None, False)
-            amax = _max_nan(amax, span_amax)
+                m = max_nan(m, tl.abs((x * rstd) * _load_w(W_PTR, cols, mask, GEMMA)))
+            span_amax = nan_amax(m, None, False)
+            amax = max_nan(amax, span_amax)
             if Q_MODE == Q_ROW:
                 span_scale = span_amax * INV_FMAX
                 tl.store(SCALE_PTR + row.to(tl.int64) * scale_stride_m + tl.cast(s // SPAN, tl.int64) * scale_stride_g,
@@ -362,7 +362,7 @@ def _qk_rmsnorm_kernel(
             amax = 0.0
             blk = pid
             while blk < (M if Q_CHUNKED else tl.cdiv(M, Q_ROWS)):
-                amax = _max_nan(amax, _q_block(
+                amax = max_nan(amax, _q_block(
                     blk, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                     None, None, None, None, None, None, None, None, None,
                     N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
@@ -374,7 +374,7 @@ def _qk_rmsnorm_kernel(
             scale = 0.0
             if Q_MODE == Q_TENSOR:
                 p = tl.arange(0, AMAX_BLOCK)
-                amax = tl.reduce(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0.0), None, _max_nan)
+                amax = tl.reduce(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0.0), None, max_nan)
                 scale = amax * INV_FMAX
                 if pid == 0:
                     tl.store(Q_SCALE_PTR, scale)

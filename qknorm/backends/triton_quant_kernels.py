@@ -30,19 +30,19 @@ FP8_HW_FN = tl.constexpr(2)  # the hardware's saturating e4m3fn conversion
 
 
 @triton.jit
-def _max_nan(a, b):
+def max_nan(a, b):
     """max that propagates NaN (torch.amax does): ``max.NaN.f32`` on NVIDIA, one instruction."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _amax(y, axis: tl.constexpr, keep_dims: tl.constexpr):
+def nan_amax(y, axis: tl.constexpr, keep_dims: tl.constexpr):
     """``max(1e-10, max |y|)`` along ``axis`` (all axes if None), NaN-propagating (rule 6)."""
     if axis is None:
-        a = tl.reduce(tl.abs(y), None, _max_nan)
+        a = tl.reduce(tl.abs(y), None, max_nan)
     else:
-        a = tl.reduce(tl.abs(y), axis, _max_nan, keep_dims=keep_dims)
-    return _max_nan(a, AMAX_FLOOR)
+        a = tl.reduce(tl.abs(y), axis, max_nan, keep_dims=keep_dims)
+    return max_nan(a, AMAX_FLOOR)
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def quotient(y, d, FMA: tl.constexpr):
 
 
 @triton.jit
-def _fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
+def fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
     """Rule 7: FP8 bytes of fp8_rne(clamp(y / scale, -FMAX, FMAX)) (NaN kept), ``scale`` broadcast.
 
     |y| <= amax and scale = fl32(amax * fl32(1/FMAX)), so |y / scale| <= FMAX (1 + 2^-22),
@@ -144,7 +144,7 @@ def _fp8_codes(y, scale, FP8_ENC: tl.constexpr, FMA: tl.constexpr):
 
 
 @triton.jit
-def _e8m0(amax):
+def e8m0(amax):
     """Rule 11: E8M0 exponent byte e of ceil_pow2(fl32(amax * fl32(1/6))) (int32) and the fp32 2^(127-e)."""
     t = (amax * MXFP4_INV_MAX).to(tl.int32, bitcast=True)
     e = (t >> 23) & 0xFF
@@ -173,8 +173,8 @@ def _e2m1_code(v):
 
 
 @triton.jit
-def _e2m1_codes(y, e, inv, FMA: tl.constexpr):
-    """Rule 12 for a group: E2M1 codes of v = y / 2^(e-127) = y * inv (``e``, ``inv`` from :func:`_e8m0`).
+def e2m1_codes(y, e, inv, FMA: tl.constexpr):
+    """Rule 12 for a group: E2M1 codes of v = y / 2^(e-127) = y * inv (``e``, ``inv`` from :func:`e8m0`).
 
     With a fused multiply-add, :func:`_e2m1_code`'s rounding is fused with the scaling: the binade
     of |v| is that of |y| shifted by 127 - e (no multiply needed to find M), and

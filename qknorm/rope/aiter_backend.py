@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..backends import registry
-from ..backends.aiter_backend import _caps, _capturing, _is_build_failure
+from ..backends.aiter_backend import aiter_caps, capturing, is_build_failure
 from ..backends.aiter_binding import ROPE_MODULE, shape_mismatch, try_import
 from ..backends.base import BackendUnavailable, RequestRefused
 from .aiter_adapter import PTS, PTS_PARAMS, PtsAdapter, read_caps
@@ -82,7 +82,7 @@ class RopeAiterBackend:
                 if importlib.util.find_spec("aiter") is None:
                     self._absent = "aiter is not installed"
                     return
-                caps = _caps(importlib.import_module("aiter"))
+                caps = aiter_caps(importlib.import_module("aiter"))
                 self._version, self._location = caps.version, caps.location
                 module, why = try_import(ROPE_MODULE)
             except (Exception, SystemExit) as exc:
@@ -128,7 +128,7 @@ class RopeAiterBackend:
         with self._lock:
             done = self._probes.get(key)
             if done is None:
-                if _capturing(req.device):
+                if capturing(req.device):
                     return "aiter's behavioural probe for this kind has not run; call qknorm.warmup_qk_norm_rope first"
                 try:
                     done = (req.describe(), self._run_probe(adapter, req))
@@ -142,7 +142,7 @@ class RopeAiterBackend:
         try:
             adapter.run(actual)
         except Exception as exc:
-            if not adapter.proven and _is_build_failure(exc):
+            if not adapter.proven and is_build_failure(exc):
                 raise BackendUnavailable(f"{adapter.entry} failed to build or load on first use: {exc}") from exc
             logger.error("aiter %s raised %s: %s in the behavioural probe of %s (%s cache)", self._version,
                          type(exc).__name__, exc, req.describe(), layout)  # fmt: skip
@@ -189,7 +189,7 @@ class RopeAiterBackend:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
-            if not adapter.proven and _is_build_failure(exc):
+            if not adapter.proven and is_build_failure(exc):
                 raise BackendUnavailable(f"{adapter.entry} failed to build or load on first use: {exc}") from exc
             raise self._refuse(adapter, req, exc) from exc
         adapter.proven = True

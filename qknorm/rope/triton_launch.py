@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..backends.base import BackendUnavailable
+from ..backends.triton_launch import is_build_failure
 from ..quant import fp8_max
 from .checks import RopePlan, RopeRequest
 
@@ -219,7 +220,7 @@ class RopeTritonBackend:
         try:
             ck = self._kernel[(grid,)](**args, **constexprs, num_warps=cfg.num_warps)
         except Exception as exc:
-            if _is_build_failure(exc):
+            if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
             raise
         if aligned and ck is not None:
@@ -250,14 +251,5 @@ def _direct_launcher(ck: Any) -> Callable[[int, int, list[Any]], None]:
 
     return launch
 
-
-def _is_build_failure(exc: BaseException) -> bool:
-    """Compilation / resource failures (not runtime errors): the backend cannot serve."""
-    try:
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources, PTXASError
-    except ImportError:
-        return False
-    return isinstance(exc, (CompilationError, OutOfResources, PTXASError))
 
 

@@ -68,7 +68,7 @@ def _rnd(x: torch.Tensor, dtype: torch.dtype, b: Behaviour) -> torch.Tensor:
     return x.to(dtype)
 
 
-class _Check:
+class Check:
     """``TORCH_CHECK`` (RuntimeError) or ``AITER_CHECK`` (abort) of one entry."""
 
     def __init__(self, aborts: bool, abort_process: bool, func: str) -> None:
@@ -87,7 +87,7 @@ class _Check:
         raise AiterAbort(text)
 
 
-def _layout(check: _Check, t: torch.Tensor, name: str, contiguous: bool) -> None:
+def _layout(check: Check, t: torch.Tensor, name: str, contiguous: bool) -> None:
     if contiguous:
         check(t.is_contiguous(), f"{name} must be contiguous")
     else:
@@ -95,14 +95,14 @@ def _layout(check: _Check, t: torch.Tensor, name: str, contiguous: bool) -> None
         check(t.stride(0) >= t.size(1), f"{name} has invalid stride(0)={t.stride(0)}, expected >= {t.size(1)}")
 
 
-def _vector(check: _Check, w: torch.Tensor, name: str, n: int, dtype: torch.dtype, contiguous: bool) -> None:
+def _vector(check: Check, w: torch.Tensor, name: str, n: int, dtype: torch.dtype, contiguous: bool) -> None:
     check(w.dim() == 1, f"{name} must be a 1D tensor")
     check(w.is_contiguous() if contiguous else w.stride(0) == 1, f"{name} must be contiguous")
     check(w.dtype == dtype, f"{name} dtype mismatch with q")
     check(w.numel() == n, f"{name} shape mismatch, expected {n}, got {w.numel()}")
 
 
-def _same_as_q(check: _Check, t: torch.Tensor, name: str, q: torch.Tensor, contiguous: bool) -> None:
+def _same_as_q(check: Check, t: torch.Tensor, name: str, q: torch.Tensor, contiguous: bool) -> None:
     check(t.dim() == 2, f"{name} must be a 2D tensor")
     _layout(check, t, name, contiguous)
     check(t.dtype == q.dtype, f"{name} dtype mismatch with q")
@@ -135,7 +135,7 @@ def _mxfp4(y: torch.Tensor, gs: int, round_up: bool) -> tuple[torch.Tensor, torc
     return pack_nibbles(codes.reshape(m, n)), e.to(torch.uint8)
 
 
-def _check_quant(a: dict[str, Any], c: _Check, b: Behaviour, gs: int, fp8: torch.dtype) -> tuple[bool, int, int]:
+def _check_quant(a: dict[str, Any], c: Check, b: Behaviour, gs: int, fp8: torch.dtype) -> tuple[bool, int, int]:
     """The quantized-output checks; returns (fp4, scale row stride, scale column stride)."""
     q, qo, s, transpose = a["q"], a["q_out_quantized"], a["q_out_scale"], bool(a["transpose_scale"])
     m, n1 = q.shape
@@ -171,7 +171,7 @@ def _check_quant(a: dict[str, Any], c: _Check, b: Behaviour, gs: int, fp8: torch
     return is_fp4, rs, cs
 
 
-def _check_rest(a: dict[str, Any], c: _Check, b: Behaviour) -> None:
+def _check_rest(a: dict[str, Any], c: Check, b: Behaviour) -> None:
     """q, weights, optional outputs, residual and k: the checks every mode shares."""
     q = a["q"]
     c(q.dim() == 2, "q must be a 2D tensor")
@@ -199,7 +199,7 @@ def _check_rest(a: dict[str, Any], c: _Check, b: Behaviour) -> None:
     c(q.size(1) <= 8192 and n2 <= 8192, f"fused kernel only supports n1/n2 <= 8192, got n1={q.size(1)}, n2={n2}")
 
 
-def _check_dispatch(c: _Check, gs: int, max_n: int, fp4: bool) -> None:
+def _check_dispatch(c: Check, gs: int, max_n: int, fp4: bool) -> None:
     tds = _thread_data_size(max_n, fp4, per_token=False)
     c(gs % tds == 0, f"group_size must be divisible by thread_data_size={tds}")
     c(gs <= 64 * tds, f"group_size exceeds max supported for fused kernel, got {gs}")
@@ -210,7 +210,7 @@ def _check_dispatch(c: _Check, gs: int, max_n: int, fp4: bool) -> None:
 
 def group_quant(a: dict[str, Any], fp8: torch.dtype, b: Behaviour, abort_process: bool, gemma: bool) -> None:
     """``fused_qk_rmsnorm_group_quant`` host code; ``group_size == 0`` is the per-token entry (#2958)."""
-    c = _Check(b.gq_aborts, abort_process, "fused_qk_rmsnorm_group_quant")
+    c = Check(b.gq_aborts, abort_process, "fused_qk_rmsnorm_group_quant")
     no_quant = b.no_quant and a["q_out_scale"] is None
     gs = int(a["group_size"])
     _check_rest(a, c, b)
@@ -249,7 +249,7 @@ def plain(a: dict[str, Any], b: Behaviour, abort_process: bool, returns: bool) -
         if b.k_none_error is AttributeError:
             raise AttributeError("'NoneType' object has no attribute 'dtype'")
         raise TypeError("fused_qk_rmsnorm(): incompatible function arguments; argument 'k' is not a Tensor")
-    c = _Check(b.plain_aborts, abort_process, "fused_qk_rmsnorm")
+    c = Check(b.plain_aborts, abort_process, "fused_qk_rmsnorm")
     c(q.dim() == 2 and k.dim() == 2, "q must be 2D: [M, N1]; k must be 2D: [M, N2]")
     c(a["q_weight"].dim() == 1 and a["k_weight"].dim() == 1, "q_weight and k_weight must be 1D")
     c(a["q_weight"].is_contiguous() and a["k_weight"].is_contiguous(), "q_weight and k_weight must be contiguous")

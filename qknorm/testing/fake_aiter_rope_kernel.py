@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..quant import fp8_max
-from .fake_aiter_kernels import _Check
+from .fake_aiter_kernels import Check
 
 __all__ = ["PtsRules", "pts"]
 
@@ -59,7 +59,7 @@ class PtsRules:
     wave: int = 64  # warp size of the GPU (64 on gfx942/gfx950, 32 on gfx12)
 
 
-def _host_checks(a: dict[str, Any], c: _Check, fault: _Check, r: PtsRules) -> None:
+def _host_checks(a: dict[str, Any], c: Check, fault: Check, r: PtsRules) -> None:
     c(all(a[n].is_contiguous() for n in ("qkv", "qw", "kw", "cos_sin")), "Expected qkv, qw, kw, cos_sin contiguous")
     kc, vc = a["k_cache"], a["v_cache"]
     c(a["slot_mapping"].is_contiguous(), "Expected slot_mapping contiguous")
@@ -80,7 +80,7 @@ def _host_checks(a: dict[str, Any], c: _Check, fault: _Check, r: PtsRules) -> No
             raise RuntimeError(f"a Tensor with {s.numel()} elements cannot be converted to Scalar")
 
 
-def _typed(a: dict[str, Any], c: _Check, fault: _Check, r: PtsRules, fp8: torch.dtype) -> None:
+def _typed(a: dict[str, Any], c: Check, fault: Check, r: PtsRules, fp8: torch.dtype) -> None:
     """``data_ptr<scalar_t>()`` before #3159 (RuntimeError), reinterpretation from it on."""
     dtype = a["qkv"].dtype
     c(dtype in (torch.float32, torch.float16, torch.bfloat16), f"not implemented for dtype {dtype}")
@@ -169,7 +169,7 @@ def _to_cache(z: torch.Tensor, dtype: torch.dtype, scale: float, r: PtsRules) ->
     return torch.clamp(v, -fp8_max(dtype), fp8_max(dtype)).to(dtype)
 
 
-def _store(cache: torch.Tensor, slots: torch.Tensor, vals: torch.Tensor, bs: int, r: PtsRules, fault: _Check) -> None:
+def _store(cache: torch.Tensor, slots: torch.Tensor, vals: torch.Tensor, bs: int, r: PtsRules, fault: Check) -> None:
     """Write ``vals [T, H, D]`` at the slots ``>= 0``, at the offsets the generation computes."""
     t, h, d = vals.shape
     size = cache.untyped_storage().nbytes() // cache.element_size() - cache.storage_offset()
@@ -192,12 +192,12 @@ def _store(cache: torch.Tensor, slots: torch.Tensor, vals: torch.Tensor, bs: int
 
 def pts(a: dict[str, Any], fp8: torch.dtype, r: PtsRules, abort_process: bool) -> None:
     """``fused_qk_norm_rope_cache_pts_quant_shuffle`` (NHD caches; the shuffle layout is not modelled)."""
-    c = _Check(r.aborts, abort_process, "fused_qk_norm_rope_cache_pts_quant_shuffle")
-    fault = _Check(True, abort_process, "GPU:")  # a GPU memory fault or SIGSEGV ends the process too
+    c = Check(r.aborts, abort_process, "fused_qk_norm_rope_cache_pts_quant_shuffle")
+    fault = Check(True, abort_process, "GPU:")  # a GPU memory fault or SIGSEGV ends the process too
     _host_checks(a, c, fault, r)
     _typed(a, c, fault, r, fp8)
     d = a["head_size"]
-    launch = _Check(r.launcher_aborts, abort_process, "fused_rope_rms_set_kv")
+    launch = Check(r.launcher_aborts, abort_process, "fused_rope_rms_set_kv")
     launch(d in (64, 128, 256), f"head_size must be 64, 128 or 256, got {d}")
     bs = a["block_size"]
     launch(not r.pow2_blocks or bs == 0 or bs & (bs - 1) == 0, f"block_size must be a power of 2, got {bs}")
