@@ -442,14 +442,14 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         return tb._config(be._plan(req, req.key()), tb._bucket(m))
 
     for m in (1, 256):
-        assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4)
+        assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True)  # one tile in every bucket
         assert config(QuantMode.FP8_TOKEN, m) == tb._Config(1, 1, 4)
         assert config(QuantMode.FP8_GROUP, m) == tb._Config(1, 1, 4)  # the tiles of every bucket (batch invariance)
         assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4)
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
         assert config(mode, 4096) == tb._Config(1, 4, 2)
         assert config(mode, 16384) == config(mode, 65536) == tb._Config(1, 1, 1, k_with_q=True)
-    assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4)
+    assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
 
 
 def test_tiles_cover_rows_with_the_least_padding() -> None:
