@@ -34,7 +34,7 @@ import torch
 
 from ..quant import QuantMode, fp8_inv_max
 from .base import BackendUnavailable
-from .triton_launch import bind_direct, direct_launch_supported, is_build_failure
+from .triton_launch import availability, bind_direct, device_unsupported, direct_launch_supported, is_build_failure
 
 __all__ = ["TritonBackend"]
 
@@ -248,26 +248,15 @@ class TritonBackend:
     # -- capability
 
     def available(self) -> tuple[bool, str]:
-        try:
-            import triton
+        return availability(self._loaded)
 
-            if self._kernels is None:
-                self._load_kernels()
-        except Exception as exc:  # any import failure means unavailable
-            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-        if self._interpret:
-            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
-        if torch.cuda.is_available():
-            return True, f"triton {triton.__version__} on a GPU"
-        return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+    def _loaded(self) -> bool:
+        if self._kernels is None:
+            self._load_kernels()
+        return self._interpret
 
     def supports(self, req: Any) -> str | None:
-        dev = req.device.type
-        if dev == "cuda" or (dev == "cpu" and self._interpret):
-            return None
-        if dev == "cpu":
-            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
-        return f"device type {dev} is not supported by the Triton backend"
+        return device_unsupported(req.device.type, self._interpret)
 
     def warmup_sizes(self, max_m: int) -> list[int]:
         """One row count per launch-configuration bucket up to ``max_m`` (compile each before capture)."""

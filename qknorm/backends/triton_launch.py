@@ -18,7 +18,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DIRECT_VERSIONS", "direct_launch_supported", "bind_direct", "is_build_failure"]
+__all__ = ["DIRECT_VERSIONS", "availability", "device_unsupported", "direct_launch_supported", "bind_direct",
+           "is_build_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,32 @@ def _warn_once(key: str, message: str, *args: object) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message, *args)
+
+
+def availability(load: Callable[[], bool]) -> tuple[bool, str]:
+    """A Triton backend's ``available()``: ``load()`` imports its kernels and says whether they interpret."""
+    try:
+        import triton
+
+        interpret = load()
+    except Exception as exc:  # any import failure means unavailable
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if interpret:
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on a GPU"
+    return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+
+
+def device_unsupported(device_type: str, interpret: bool) -> str | None:
+    """Why a Triton backend cannot serve tensors on ``device_type`` (None when it can)."""
+    if device_type == "cuda" or (device_type == "cpu" and interpret):
+        return None
+    if device_type == "cpu":
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+    return f"device type {device_type} is not supported by the Triton backend"
 
 
 def direct_launch_supported(triton_version: str, hip: bool) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..backends.base import BackendUnavailable
-from ..backends.triton_launch import is_build_failure
+from ..backends.triton_launch import availability, device_unsupported, is_build_failure
 from ..quant import fp8_max
 from .checks import RopePlan, RopeRequest
 
@@ -102,26 +102,15 @@ class RopeTritonBackend:
         self._hooks: Any = None
 
     def available(self) -> tuple[bool, str]:
-        try:
-            import triton
+        return availability(self._loaded)
 
-            if self._kernel is None:
-                self._load()
-        except Exception as exc:  # any import failure means unavailable
-            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-        if self._interpret:
-            return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
-        if torch.cuda.is_available():
-            return True, f"triton {triton.__version__} on a GPU"
-        return False, "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+    def _loaded(self) -> bool:
+        if self._kernel is None:
+            self._load()
+        return self._interpret
 
     def supports(self, req: RopeRequest) -> str | None:
-        dev = req.plan.device.type
-        if dev == "cuda" or (dev == "cpu" and self._interpret):
-            return None
-        if dev == "cpu":
-            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
-        return f"device type {dev} is not supported by the Triton backend"
+        return device_unsupported(req.plan.device.type, self._interpret)
 
     def warmup_sizes(self, max_t: int) -> list[int]:
         """One token count per launch-configuration bucket up to ``max_t``."""
