@@ -1,7 +1,7 @@
 """qk_norm_rope's aiter backend against fake aiter packages of every generation of the pts entry.
 
-Routing per generation, every refusal with its reason, per-call hand-over of what the request
-kind cannot show, outputs against the rope reference, the CLI. The fakes themselves, the probe,
+Routing per generation, every refusal with its reason (eps, table and cache layouts included:
+they are in the request kind), outputs against the rope reference, the CLI. The fakes themselves, the probe,
 synchronous exceptions and fakes that really abort: ``test_aiter_rope_defence.py``.
 """
 
@@ -146,46 +146,48 @@ def test_cache_views_go_to_aiter_where_it_addresses_them(kind: str, layout: str)
         assert_matches(c, out.q)
 
 
-HANDED_OVER = [
-    ("pts_v3159", dict(layout="unbind"), "writes k_cache as if contiguous"),
-    ("pts_v3492", dict(layout="unbind"), "writes k_cache as if contiguous"),  # accepted by its host code, written wrong
+REFUSED_LAYOUTS = [
+    ("pts_v3159", dict(layout="unbind"), "writes k_cache and v_cache as if contiguous"),
+    ("pts_v3492", dict(layout="unbind"), "as if contiguous"),  # accepted by its host code, written wrong
     ("pts_v3640", dict(layout="hnd"), "contiguous within a block"),
     ("pts_no_csrc", dict(layout="unbind"), "as if contiguous"),
     ("pts_v4531", dict(k_epsilon=1e-5), "one eps for q and k"),
 ]
 
 
-@pytest.mark.parametrize(("kind", "change", "why"), HANDED_OVER)
-def test_calls_aiter_cannot_address_go_to_the_next_backend(kind: str, change: dict[str, Any], why: str, caplog):
+@pytest.mark.parametrize(("kind", "change", "why"), REFUSED_LAYOUTS)
+def test_layouts_aiter_cannot_address_are_refused_per_kind_and_served_by_the_next_backend(
+    kind: str, change: dict[str, Any], why: str
+):
+    """Eps, table and cache layout are in the request kind: the registry sends what the installed
+    generation cannot address to the next backend, decided (and cached) at selection, never per call."""
     c = call(**change)
     with fake_aiter_rope.install(kind) as fake:
-        assert route(c)[0] == "aiter"  # the kind is aiter's; this call is not
+        backend, reason = route(c)
+        assert backend == "torch" and why in reason
         calls = len(fake.calls)
-        with caplog.at_level("INFO", logger="qknorm.rope.aiter_backend"):
-            out = qknorm.qk_norm_rope(**c)
-        assert len(fake.calls) == calls
+        out = qknorm.qk_norm_rope(**c)
+        assert len(fake.calls) == calls  # aiter never sees it (the probe, if any, ran at selection)
         assert_matches(c, out.q)
-        assert any("backend torch serves such calls" in r.message for r in caplog.records)
-        info = registry.get_backend("aiter", OP).describe()  # type: ignore[attr-defined]
-        assert why in info["calls served by torch"] or why in " ".join(info.values())
 
 
-def test_a_non_contiguous_table_is_handed_over():
+def test_a_table_without_contiguous_rows_is_refused_per_kind():
     c = call(rot=64)
     wide = torch.zeros(64, 128, dtype=BF16)
     wide[:, :64] = c["cos_sin_cache"]
     c["cos_sin_cache"] = wide[:, :64]
     with fake_aiter_rope.install("pts_v4531") as fake:
-        assert route(c)[0] == "aiter"
-        probes = len(fake.calls)
+        backend, reason = route(c)
+        assert backend == "torch" and "cos_sin_cache rows must be contiguous" in reason
+        calls = len(fake.calls)
         out = qknorm.qk_norm_rope(**c)
-        assert len(fake.calls) == probes
+        assert len(fake.calls) == calls
     assert_matches(c, out.q)
 
 
-def test_handing_over_with_nothing_after_aiter_is_an_error(monkeypatch: pytest.MonkeyPatch):
+def test_a_refused_layout_with_nothing_after_aiter_is_an_error(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(registry.ENV_VAR, "aiter")
-    with fake_aiter_rope.install("pts_v3159"), pytest.raises(registry.BackendError, match="writes k_cache as if contiguous"):
+    with fake_aiter_rope.install("pts_v3159"), pytest.raises(registry.BackendError, match="as if contiguous"):
         qknorm.qk_norm_rope(**call(layout="unbind"))
 
 

@@ -8,9 +8,9 @@ read it assumes at its oldest. :class:`PtsAdapter` then decides in two steps:
 - :meth:`PtsAdapter.kind_unsupported`, from the request kind alone (``RopePlan.key()``): what
   this entry cannot compute as SPEC_ROPE_CACHE §3 says, and every argument check that would
   abort the process (``AITER_CHECK`` from #3159 on). The registry sends such kinds elsewhere.
-- :meth:`PtsAdapter.call_unsupported`, per call, for what the key does not hold (one eps for q
-  and k, a contiguous table, a cache layout this generation addresses): such a call is served
-  by the next backend (the backend does that), never sent to aiter.
+- :meth:`PtsAdapter.inputs_unsupported` and :meth:`PtsAdapter.layout_unsupported`, from the
+  layout facts the key holds too: one eps for q and k, a table with contiguous rows, and a cache
+  layout this generation addresses (checked after the behavioural probe, which may lower it).
 
 :meth:`PtsAdapter.run` maps a request onto the 24/25 positional parameters: q, k and v as one
 contiguous ``qkv`` (a view when they already are one, else a copy), ``q_out`` contiguous (else
@@ -127,13 +127,6 @@ def _cache_unsupported(plan: Any, caps: PtsCaps) -> str | None:
     return None
 
 
-def _layout_unsupported(t: torch.Tensor, name: str, layout: str) -> str | None:
-    if layout == "strided" or t.is_contiguous() or (layout == "block" and t[0].is_contiguous()):
-        return None
-    need = "contiguous" if layout == "contiguous" else "contiguous within a block (dims >= 1)"
-    return f"this aiter writes {name} as if {need}, got strides {t.stride()}"
-
-
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor | None:
     """``[T, W]`` contiguous view when q, k (and v) are consecutive heads of one buffer, else None."""
     parts = [q, k] if v is None else [q, k, v]
@@ -195,18 +188,20 @@ class PtsAdapter:
                 return why
         return _cache_unsupported(plan, self.caps) if plan.has_cache else None
 
-    def call_unsupported(self, req: RopeRequest) -> str | None:
-        """Why this call, of a kind this entry serves, must go elsewhere (not in the key)."""
-        plan = req.plan
+    def inputs_unsupported(self, plan: Any) -> str | None:
+        """Why this entry cannot take ``plan``'s epsilons or table (both in the key)."""
         if plan.q_eps != plan.k_eps:
             return f"one eps for q and k, got q_epsilon={plan.q_eps} and k_epsilon={plan.k_eps}"
-        if not req.cos_sin_cache.is_contiguous():  # type: ignore[union-attr]
-            return f"cos_sin_cache rows must be contiguous (row stride R), got strides {req.cos_sin_cache.stride()}"  # type: ignore[union-attr]
-        if plan.has_cache:
-            for name in ("k_cache", "v_cache"):
-                why = _layout_unsupported(getattr(req, name), name, self.layout)
-                if why:
-                    return why
+        if not plan.table_rows_contiguous:
+            return "cos_sin_cache rows must be contiguous (row stride R)"
+        return None
+
+    def layout_unsupported(self, plan: Any) -> str | None:
+        """Why this entry cannot address ``plan``'s caches (in the key; the probe may lower what it addresses)."""
+        need = {"contiguous": ("contiguous",), "block": ("contiguous", "block")}.get(self.layout)
+        if plan.has_cache and need is not None and plan.cache_layout not in need:
+            what = "contiguous" if self.layout == "contiguous" else "contiguous within a block (dims >= 1)"
+            return f"this aiter writes k_cache and v_cache as if {what}, got {plan.cache_layout} caches"
         return None
 
     def _weight(self, w: torch.Tensor | None, plan: Any) -> torch.Tensor:

@@ -11,9 +11,9 @@ The same three lines of defence as the fused Q/K RMSNorm's aiter backend
    with aiter's version and the kind, the kind goes to the next backend from then on, the call
    is served there (:class:`~qknorm.backends.base.RequestRefused`), unless it was in place.
 
-What the request kind does not show (one eps for q and k, a contiguous table, a cache layout the
-generation addresses) is decided per call: such a call is handed to the next backend of the
-priority list (logged once per reason), never to aiter. The main ``fused_qk_norm_rope_cache_quant_shuffle``
+The request kind includes the layout facts aiter depends on (one eps for q and k, a table with
+contiguous rows, the caches' layout), so what aiter cannot address is refused per kind like the
+rest, and the registry serves it with the next backend (never chosen during capture). The main ``fused_qk_norm_rope_cache_quant_shuffle``
 is never bound: it writes only aiter's 5-D shuffle cache with dynamic per-token scales.
 
 Nothing here imports aiter until :meth:`RopeAiterBackend.available` runs (first use).
@@ -29,13 +29,11 @@ from typing import Any
 
 import torch
 
-from ..backends import registry
 from ..backends.aiter_backend import aiter_caps, capturing, is_build_failure
 from ..backends.aiter_binding import ROPE_MODULE, shape_mismatch, try_import
 from ..backends.base import BackendUnavailable, RequestRefused
 from .aiter_adapter import PTS, PTS_PARAMS, PtsAdapter, read_caps
 from .aiter_probe import LAYOUTS, compare, probe_requests
-from .ops import OP
 from .request import RopeRequest
 
 __all__ = ["RopeAiterBackend"]
@@ -71,7 +69,6 @@ class RopeAiterBackend:
         self._adapter: PtsAdapter | None = None
         self._probes: dict[tuple[object, ...], tuple[str, str | None]] = {}  # key -> (kind, mismatch)
         self._refused: dict[tuple[object, ...], tuple[str, str]] = {}  # key -> (kind, why)
-        self._delegated: dict[str, str] = {}  # per-call reason -> the backend that served it
 
     def _bind(self) -> None:
         with self._lock:
@@ -120,7 +117,11 @@ class RopeAiterBackend:
         refused = self._refused.get(req.key())
         if refused is not None:
             return refused[1]
-        return adapter.kind_unsupported(req.plan) or self._behaviour(adapter, req)
+        plan = req.plan
+        return (
+            adapter.kind_unsupported(plan) or adapter.inputs_unsupported(plan) or self._behaviour(adapter, req)
+            or adapter.layout_unsupported(plan)
+        )  # fmt: skip
 
     def _behaviour(self, adapter: PtsAdapter, req: RopeRequest) -> str | None:
         """The probe's verdict on ``req``'s kind (run once per kind and device; never during capture or tracing)."""
@@ -167,7 +168,7 @@ class RopeAiterBackend:
         return None
 
     def run(self, req: RopeRequest) -> None:
-        """Serve ``req`` through aiter, or this call through the next backend when its layout is not aiter's.
+        """Serve ``req`` through aiter.
 
         Raises BackendUnavailable for a first-use build failure and RequestRefused when aiter
         raised synchronously (``retry`` False on an in-place request).
@@ -175,10 +176,6 @@ class RopeAiterBackend:
         adapter = self._adapter
         if adapter is None:
             raise RuntimeError(f"aiter cannot serve this request: {self.supports(req)}")
-        per_call = adapter.call_unsupported(req)
-        if per_call is not None:
-            self._delegate(req, per_call)
-            return
         device = req.device
         try:
             if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -193,27 +190,6 @@ class RopeAiterBackend:
                 raise BackendUnavailable(f"{adapter.entry} failed to build or load on first use: {exc}") from exc
             raise self._refuse(adapter, req, exc) from exc
         adapter.proven = True
-
-    def _delegate(self, req: RopeRequest, why: str) -> None:
-        """Serve this call with the first backend after ``aiter`` in the priority list that takes it."""
-        names, _ = registry.priority()
-        after = names[names.index(self.name) + 1 :] if self.name in names else names
-        passed: list[str] = []
-        for name in after:
-            ok, unavailable = registry.probe(name, OP)
-            backend = registry.get_backend(name, OP) if ok else None
-            reason = unavailable if backend is None else backend.supports(req)
-            if backend is None or reason is not None:
-                passed.append(f"{name}: {reason}")
-                continue
-            if why not in self._delegated:
-                self._delegated[why] = name
-                logger.info("qknorm: aiter cannot take this call of %s (%s); backend %s serves such calls",
-                            req.describe(), why, name)  # fmt: skip
-            backend.run(req)
-            return
-        raise registry.BackendError(f"aiter cannot serve this call ({why}) and no backend after it can"
-                                    + (f": {'; '.join(passed)}" if passed else ""))  # fmt: skip
 
     def _refuse(self, adapter: PtsAdapter, req: RopeRequest, exc: Exception) -> RequestRefused:
         what = req.describe()
@@ -236,7 +212,7 @@ class RopeAiterBackend:
         return RequestRefused(why)
 
     def describe(self) -> dict[str, Any]:
-        """What was bound, the probe verdicts, refused kinds and per-call hand-overs (``python -m qknorm backends``)."""
+        """What was bound, the probe verdicts and refused kinds (``python -m qknorm backends``)."""
         self._bind()
         if self._absent is not None:
             return {}
@@ -252,7 +228,5 @@ class RopeAiterBackend:
                 info[f"probe: {what}"] = "matches the reference" if mismatch is None else mismatch
             for what, why in self._refused.values():
                 info[f"refused: {what}"] = why
-            for why, name in self._delegated.items():
-                info[f"calls served by {name}"] = why
         info["devices"] = "/".join(self.device_types)
         return info

@@ -239,6 +239,23 @@ def _check_outputs(q_out: Any, k_out: Any, q_scale: Any, q: Any, hk: int) -> tor
     return out_dtype
 
 
+def _contiguous(t: Any, skip: int) -> bool:
+    """Whether the dimensions of ``t`` from ``skip`` on are laid out contiguously (sizes of 1 aside)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[skip:]), reversed(t.stride()[skip:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(k_cache: Any, v_cache: Any) -> str:
+    """The most specific layout both caches have: "contiguous", "block" (within a block), "strided"."""
+    if _contiguous(k_cache, 0) and _contiguous(v_cache, 0):
+        return "contiguous"
+    return "block" if _contiguous(k_cache, 1) and _contiguous(v_cache, 1) else "strided"
+
+
 def _dtype_of(t: Any) -> torch.dtype | None:
     return None if t is None else t.dtype  # type: ignore[no-any-return]
 
@@ -275,6 +292,8 @@ def plan(call: Mapping[str, Any], display: Mapping[str, str] | None = None, *, a
         write_k_out=k_out is not None or cache_dtype is None, has_q_weight=has_qw, has_k_weight=has_kw,
         is_neox=check_bool("is_neox", call["is_neox"]), gemma=check_bool("gemma_norm", call["gemma_norm"]), q_eps=q_eps,
         k_eps=k_eps, check_indices=check_bool("check_indices", call["check_indices"]),
+        cache_layout=_layout(call["k_cache"], call["v_cache"]) if cache_dtype is not None else "",
+        table_rows_contiguous=call["cos_sin_cache"] is None or _contiguous(call["cos_sin_cache"], 0),
         aliasing=AliasCheck(names, specs, OUTPUTS, IN_PLACE), slot={n: i for i, n in enumerate(names)},
     )  # fmt: skip
 

@@ -56,6 +56,10 @@ class RopePlan:
     q_eps: float
     k_eps: float
     check_indices: bool
+    # Layout facts a backend may depend on (aiter does): the caches' strides ("contiguous", "block":
+    # contiguous within a block, "strided", "" without a cache) and the table's row contiguity.
+    cache_layout: str
+    table_rows_contiguous: bool
     aliasing: AliasCheck = field(repr=False, compare=False)
     slot: dict[str, int] = field(repr=False, compare=False)  # field name -> index in the call's argument list
 
@@ -86,6 +90,7 @@ class RopePlan:
             "qk_norm_rope", self.device.type, self.device.index, self.dtype, self.hq, self.hk, self.d, self.rot,
             self.cos_dtype, self.index_dtypes, self.dv, self.block_size, self.cache_dtype, self.k_scale_heads, self.v_scale_heads,
             self.q_out_dtype, self.write_k_out, self.has_q_weight, self.has_k_weight, self.is_neox, self.gemma,
+            self.q_eps == self.k_eps, self.cache_layout, self.table_rows_contiguous,
         )  # fmt: skip
 
 
