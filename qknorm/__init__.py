@@ -1,4 +1,4 @@
-"""qknorm: one fused Q/K RMSNorm operator (optionally quantizing q to FP8 or MXFP4).
+"""qknorm: pre-attention operators for LLM inference (fused Q/K RMSNorm; QK norm + RoPE + KV-cache write).
 
 Public entry points (SPEC §2):
 
@@ -13,10 +13,12 @@ Public entry points (SPEC §2):
 - :func:`qk_norm_rope` - per-head QK RMSNorm + RoPE + paged KV-cache write (SPEC_ROPE_CACHE),
   with :class:`QKNormRoPE` (:mod:`qknorm.nn`) for one attention layer.
 - :func:`warmup` - probe, select and compile ahead of CUDA-graph capture.
-- ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) - the custom op torch.compile sees;
-  the entries above route through it while compiling.
+- :func:`warmup_qk_norm_rope` - the same for ``qk_norm_rope``.
+- ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) and ``torch.ops.qknorm.qk_norm_rope``
+  (:mod:`qknorm.rope.ops`) - the custom ops torch.compile sees; the entries route through them
+  while compiling.
 
-Importing qknorm does no work beyond registering that op with torch.library: no device
+Importing qknorm does no work beyond registering those ops with torch.library: no device
 queries, no environment reads, no optional imports. Backends are probed and chosen on first
 use (see :mod:`qknorm.backends.registry`).
 """
