@@ -17,8 +17,12 @@ import functools
 import math
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +42,7 @@ from qknorm.testing import (
     backend_override,
 )
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout (subprocess tests import qknorm from it)
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -734,3 +739,26 @@ def run_case(case: Case, backend: str | None = None) -> None:
         outs = call_case(case, inp)
     before.assert_unchanged()  # inputs (and their padding) are read-only
     compare(case, outs.values, expected)
+
+
+# ----------------------------------------------------------------------------- shared by the aiter tests
+
+
+def split_latent(m: int = 4, n1: int = 256, n2: int = 128, seed: int = 0) -> dict[str, Any]:
+    """q and k as split views of one ``[m, n1 + n2 + 64]`` bf16 buffer (DeepSeek's q and k_nope), with weights."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(m, n1 + n2 + 64, generator=gen).to(torch.bfloat16)
+    return {
+        "q": buf[:, :n1],
+        "k": buf[:, n1 : n1 + n2],
+        "q_weight": (1 + 0.1 * torch.randn(n1, generator=gen)).to(torch.bfloat16),
+        "k_weight": (1 + 0.1 * torch.randn(n2, generator=gen)).to(torch.bfloat16),
+    }
+
+
+def run_python(code: str, cwd: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with this checkout importable and no QKNORM_BACKEND."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(registry.ENV_VAR, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=cwd)  # fmt: skip

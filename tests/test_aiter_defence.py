@@ -11,16 +11,13 @@
 
 from __future__ import annotations
 
-import os
+import functools
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from _cases import run_python, split_latent
 
 import qknorm
 from qknorm.__main__ import main
@@ -31,19 +28,10 @@ from qknorm.quant import QuantMode
 from qknorm.reference import rms_norm_fp32
 from qknorm.testing import assert_mxfp4_close, assert_norm_close, backend_override, fake_aiter
 
-REPO = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
 
 
-def latent(m: int = 4, n1: int = 512, n2: int = 128, seed: int = 0) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(seed)
-    buf = torch.randn(m, n1 + n2 + 64, generator=gen).to(BF16)
-    return {
-        "q": buf[:, :n1],
-        "k": buf[:, n1 : n1 + n2],
-        "q_weight": (1 + 0.1 * torch.randn(n1, generator=gen)).to(BF16),
-        "k_weight": (1 + 0.1 * torch.randn(n2, generator=gen)).to(BF16),
-    }
+latent = functools.partial(split_latent, n1=512)
 
 
 def aiter_details() -> dict[str, str]:
@@ -51,13 +39,6 @@ def aiter_details() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- fakes that abort
-
-
-def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(registry.ENV_VAR, None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)  # fmt: skip
 
 
 def test_an_aborting_fake_really_kills_the_process(tmp_path: Path):

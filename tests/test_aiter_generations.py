@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cases import split_latent
 
 import qknorm
 from qknorm.backends import registry
@@ -22,16 +23,7 @@ FN = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 
 
-def latent(m: int = 4, n1: int = 256, n2: int = 128, seed: int = 0) -> dict[str, Any]:
-    """Split views of one ``[m, n1 + n2 + 64]`` buffer, as DeepSeek's q and k_nope."""
-    gen = torch.Generator().manual_seed(seed)
-    buf = torch.randn(m, n1 + n2 + 64, generator=gen).to(BF16)
-    return {
-        "q": buf[:, :n1],
-        "k": buf[:, n1 : n1 + n2],
-        "q_weight": (1 + 0.1 * torch.randn(n1, generator=gen)).to(BF16),
-        "k_weight": (1 + 0.1 * torch.randn(n2, generator=gen)).to(BF16),
-    }
+latent = split_latent
 
 
 def refusals() -> list[str]:

@@ -8,17 +8,14 @@ fakes call ``os.abort()`` no request of any kind reaches a failing check.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from _aiter_rope_cases import BF16, REFUSALS, REPO, assert_matches, call, expected, pts_call, route
+from _cases import run_python
 
 import qknorm
 from qknorm.backends import registry
@@ -198,13 +195,6 @@ def test_an_in_place_request_aiter_raised_on_is_an_error(monkeypatch: pytest.Mon
 
 
 # ----------------------------------------------------------------------------- fakes that really abort
-
-
-def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(registry.ENV_VAR, None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)  # fmt: skip
 
 
 def test_an_aborting_fake_really_kills_the_process(tmp_path: Path):
