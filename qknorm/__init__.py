@@ -12,8 +12,9 @@ Public entry points (SPEC §2):
   ``kv_a_layernorm`` as one module, optionally quantizing q.
 - :func:`qk_norm_rope` - per-head QK RMSNorm + RoPE + paged KV-cache write (SPEC_ROPE_CACHE),
   with :class:`QKNormRoPE` (:mod:`qknorm.nn`) for one attention layer.
-- :func:`warmup` - probe, select and compile ahead of CUDA-graph capture.
-- :func:`warmup_qk_norm_rope` - the same for ``qk_norm_rope``.
+- :func:`warmup` - probe, select and compile ahead of CUDA-graph capture, for either operator
+  (``warmup(...)`` or ``warmup("qk_norm_rope", ...)``); :func:`warmup_qk_rmsnorm` and
+  :func:`warmup_qk_norm_rope` are its two operators' typed forms.
 - ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) and ``torch.ops.qknorm.qk_norm_rope``
   (:mod:`qknorm.rope.ops`) - the custom ops torch.compile sees; the entries route through them
   while compiling.
@@ -35,7 +36,7 @@ from .nn import MLAQKNorm, MLAQKNormOutput, QKNormRoPE
 from .quant import QuantMode, QuantType
 from .rope import QKNormRopeOutput, qk_norm_rope
 from .rope.warmup import warmup_qk_norm_rope
-from .warmup import WarmupRecord, warmup
+from .warmup import WarmupRecord, warmup, warmup_qk_rmsnorm
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "qk_norm_rope",
     "warmup",
     "warmup_qk_norm_rope",
+    "warmup_qk_rmsnorm",
     "WarmupRecord",
     "__version__",
 ]

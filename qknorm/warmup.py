@@ -1,17 +1,21 @@
-"""``qknorm.warmup``: do every first-use step before CUDA-graph capture.
+"""``qknorm.warmup``: do every first-use step before CUDA-graph capture, for either operator.
 
 The first call of a request shape probes backends (importing Triton or aiter), selects one
 and caches the choice; the first call of each launch configuration compiles a kernel. None
 of that may happen while a CUDA graph is being captured: selection then raises
 :class:`~qknorm.backends.registry.BackendError` rather than corrupt the capture. Engines call
 :func:`warmup` once per layer shape after loading weights, then capture.
+
+``warmup(...)`` and ``warmup("fused_qk_rmsnorm", ...)`` warm the fused Q/K RMSNorm
+(:func:`warmup_qk_rmsnorm`); ``warmup("qk_norm_rope", ...)`` warms QK norm + RoPE + cache
+write (:func:`qknorm.warmup_qk_norm_rope`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,7 +24,7 @@ from .backends.registry import run_request, select
 from .ops import PIPELINE
 from .quant import QuantMode
 
-__all__ = ["warmup", "WarmupRecord"]
+__all__ = ["warmup", "warmup_qk_rmsnorm", "WarmupRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,47 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def warmup(
+def warmup(operator: str | int = "fused_qk_rmsnorm", *args: Any, **kwargs: Any) -> list[WarmupRecord]:
+    """Probe, select and compile ahead of CUDA-graph capture, for the operator named first.
+
+    Parameters
+    ----------
+    operator : {"fused_qk_rmsnorm", "qk_norm_rope"} or int
+        The operator whose calls will be captured; the remaining arguments are that operator's
+        warmup arguments: :func:`warmup_qk_rmsnorm` (``q_width``, ``k_width``, ``modes``, ...)
+        or :func:`qknorm.warmup_qk_norm_rope` (``num_heads``, ``num_kv_heads``, ``head_dim``,
+        ``cache_dtype``, ...). An int is the fused Q/K RMSNorm's ``q_width``, so
+        ``warmup(1536, 512, modes=...)`` reads as it always has.
+    *args, **kwargs
+        Passed to the operator's warmup.
+
+    Returns
+    -------
+    list of WarmupRecord
+        One per warmed mode (``qk_norm_rope``: one record).
+
+    Raises
+    ------
+    ValueError
+        For an unknown operator name, and as the operator's warmup raises.
+
+    Examples
+    --------
+    >>> qknorm.warmup(1536, 512, modes=(None, "fp8_group"), row_stride=2112)  # doctest: +SKIP
+    >>> qknorm.warmup("qk_norm_rope", 32, 8, 128, cache_dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    if isinstance(operator, str):
+        if operator == "fused_qk_rmsnorm":
+            return warmup_qk_rmsnorm(*args, **kwargs)
+        if operator == "qk_norm_rope":
+            from .rope.warmup import warmup_qk_norm_rope  # qknorm.rope imports this module's WarmupRecord
+
+            return [warmup_qk_norm_rope(*args, **kwargs)]
+        raise ValueError(f"operator must be 'fused_qk_rmsnorm' or 'qk_norm_rope', got {operator!r}")
+    return warmup_qk_rmsnorm(operator, *args, **kwargs)
+
+
+def warmup_qk_rmsnorm(
     q_width: int = 1536,
     k_width: int | None = 512,
     *,
@@ -57,7 +101,7 @@ def warmup(
     transpose_scale: bool = False,
     return_unquantized: bool = False,
 ) -> list[WarmupRecord]:
-    """Probe, select and compile everything the given calls need, so that they can be captured.
+    """Probe, select and compile every fused Q/K RMSNorm call shape given, so that they can be captured.
 
     Runs :func:`qknorm.qk_rmsnorm` for each mode in ``modes`` once per launch-configuration
     bucket of the selected backend (``backend.warmup_sizes(max_tokens)`` when the backend has
