@@ -278,6 +278,10 @@ _CPU_CASES = [
     ],
     Case(entry="token", mode="fp8_token", m=3, n1=48, data="inf", seed=2),
     Case(entry="unified", mode="fp8_tensor", m=3, n1=48, data="nan", seed=2),
+    # One row: per-tensor FP8 in one launch (the per-token one), 1-D and 2-D scales, NaN rows.
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=64, n2=8, scale_2d=True, unquantized=True),
+    Case(entry="functional", mode="fp8_tensor", dtype="bfloat16", m=1, n1=33, n2=5, fp8="float8_e4m3fnuz"),
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=48, data="nan", seed=3),
 ]
 # The chunked path with 16-column chunks: spans wider than a chunk (group 32/64, per token,
 # per tensor), groups narrower than a chunk, MXFP4, k chunked too, widths not a chunk multiple.
@@ -298,6 +302,7 @@ _CHUNKED_CASES = [
     ),
     Case(entry="token", mode="fp8_token", m=3, n1=50, n2=20, out_pad=2),
     Case(entry="unified", mode="fp8_tensor", m=4, n1=40, residual=True),
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=40, n2=20, residual=True),
     Case(entry="group", mode="mxfp4", group_size=32, m=2, n1=96, n2=18),
     Case(entry="group", mode="fp8_group", group_size=32, m=3, n1=64, data="nan", seed=4),
 ]
@@ -446,6 +451,8 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         assert config(QuantMode.FP8_TOKEN, m) == tb._Config(1, 1, 4)
         assert config(QuantMode.FP8_GROUP, m) == tb._Config(1, 1, 4)  # the tiles of every bucket (batch invariance)
         assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4)
+    assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 1, 4, one_pass=True)  # one row: one launch
+    assert config(QuantMode.FP8_TENSOR, 2) == tb._Config(1, 1, 4)
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
         assert config(mode, 4096) == tb._Config(1, 4, 2)
         assert config(mode, 16384) == config(mode, 65536) == tb._Config(1, 1, 1, k_with_q=True)
