@@ -131,6 +131,7 @@ class _Config:
     k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
     one_tile: bool = False  # q rows in one padded power-of-two tile (the plain norm; see _config)
     one_pass: bool = False  # per-tensor FP8 of a single row: one launch, quantized as per-token
+    maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
 
 
 @dataclass
@@ -489,7 +490,9 @@ class TritonBackend:
     def _compile_launch(self, grid: int, cfg: _Config, args: dict[str, Any]) -> Any:
         """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
         try:
-            return self._kernels._qk_rmsnorm_kernel[(grid,)](**{**self._blank, **args}, num_warps=cfg.num_warps)
+            return self._kernels._qk_rmsnorm_kernel[(grid,)](
+                **{**self._blank, **args}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg
+            )
         except Exception as exc:
             if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
