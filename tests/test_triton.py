@@ -453,9 +453,12 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4)
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 1, 4, one_pass=True)  # one row: one launch
     assert config(QuantMode.FP8_TENSOR, 2) == tb._Config(1, 1, 4)
+    # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
+    caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
         assert config(mode, 4096) == tb._Config(1, 4, 2)
-        assert config(mode, 16384) == config(mode, 65536) == tb._Config(1, 1, 1, k_with_q=True)
+        big = tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
+        assert config(mode, 16384) == config(mode, 65536) == big
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
 
 
