@@ -462,6 +462,17 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
 
 
+def test_per_tensor_amax_launch_loops_with_larger_blocks_only_past_its_program_cap() -> None:
+    """(rows per block, warps, programs): one block of 8192 elements per program while q fits in
+    256 of them (DeepSeek q up to M = 1024), then 256 programs over blocks of 16384 elements."""
+    assert tb._amax_launch(1, 1536, False) == (1, 8, 1)
+    assert tb._amax_launch(256, 1536, False) == (4, 8, 64)
+    assert tb._amax_launch(1024, 1536, False) == (4, 8, 256)
+    assert tb._amax_launch(65536, 1536, False) == (8, 16, 256)
+    assert tb._amax_launch(300, 16384, True) == (1, 16, 256)  # chunked rows: one per block
+    assert tb._amax_launch(200, 16384, True) == (1, 8, 200)
+
+
 def test_tiles_cover_rows_with_the_least_padding() -> None:
     assert tb._tiles(1536, None) == (1, 3, 512)  # DeepSeek q: three tiles of 512
     assert tb._tiles(1536, 128) == (4, 3, 128)

@@ -62,16 +62,18 @@ _EPT_DECODE = 16  # elements per thread at decode sizes
 _EPT_PREFILL = 32  # elements per thread at prefill sizes (plain norm)
 _EPT_QUANT = 64  # ... quantizing (one warp per DeepSeek q row)
 _TILE_NORM = 4096  # elements per program of the plain norm at prefill sizes (2 DeepSeek q rows, 8 k rows)
-# Per-tensor amax launch: at most _AMAX_PROGRAMS programs of _AMAX_WARPS warps, each looping over
-# blocks of about _AMAX_TILE elements; every program of the main launch re-reads the partials.
-# Each program waits for one block's loads before it asks for the next, so the bytes in flight
-# per SM are about two programs' blocks: with 8 warps and 8192 elements (4 DeepSeek q rows) the
-# launch read q at 46% of DRAM bandwidth at M = 65536 on the H200 (91.7 µs of Nsight Compute's
-# 196 for both launches); 16 warps over 8 rows keep twice as many bytes in flight at the same 62
-# registers per thread (sm_90 ptxas).
+# Per-tensor amax launch: at most _AMAX_PROGRAMS programs, each folding one or more blocks of rows
+# into one partial; every program of the main launch re-reads the partials. A program waits for
+# one block's loads before it asks for the next, so when the programs loop the bytes in flight
+# per SM are about two programs' blocks: with 8 warps over 8192 elements (4 DeepSeek q rows) the
+# launch read q at 46% of DRAM bandwidth at M = 65536 on the H200 (91.7 of 196 µs for both
+# launches, Nsight Compute); 16 warps over 16384 elements (8 rows) hold twice as many bytes at the
+# same 62 registers per thread, and per-tensor FP8 went from 198 to 171 µs with this and the
+# reversed main launch. Without a loop (q in at most _AMAX_PROGRAMS blocks of 8192 elements) the
+# smaller blocks spread over more programs: 4.17 against 4.50 µs at M = 256.
 _AMAX_PROGRAMS = 256
-_AMAX_WARPS = 16
-_AMAX_TILE = 16384
+_AMAX_ONE_BLOCK = (8192, 8)  # (elements per block, warps) when each program takes one block
+_AMAX_LOOPING = (16384, 16)  # ... when the programs loop over blocks
 
 # Kernel parameters holding tensors -> the request attribute that supplies them.
 _TENSORS = {
@@ -213,6 +215,23 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=plan.register_cap)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
+
+
+def _amax_launch(m: int, row_elements: int, chunked: bool) -> tuple[int, int, int]:
+    """(rows per block, warps, programs) of the per-tensor amax launch over ``m`` q rows.
+
+    ``row_elements`` is the q row as held in registers (tiles included); chunked rows are one
+    row per block.
+    """
+    def rows_blocks(elements: int) -> tuple[int, int]:
+        rows = 1 if chunked else _prev_pow2(min(elements // row_elements, m))
+        return rows, m if chunked else -(-m // rows)
+
+    rows, blocks = rows_blocks(_AMAX_ONE_BLOCK[0])
+    if blocks <= _AMAX_PROGRAMS:
+        return rows, _AMAX_ONE_BLOCK[1], blocks
+    rows, blocks = rows_blocks(_AMAX_LOOPING[0])
+    return rows, _AMAX_LOOPING[1], min(blocks, _AMAX_PROGRAMS)
 
 
 def _warps(elements: int, per_thread: int) -> int:
@@ -360,34 +379,25 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, constexprs["FP8_ENC"], tiles[False]),
+            register_cap=self._register_cap(q_mode, tiles[False]),
         )  # fmt: skip
         self._plans[key] = plan
         return plan
 
-    def _register_cap(self, q_mode: int, fp8_enc: int, tiles: tuple[int, int, int]) -> int | None:
+    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
         """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM.
 
-        Only for q rows held as three 512-column tiles (DeepSeek's 1536: 48 elements per thread),
-        the layout measured: sm_90 ptxas (Triton 3.6) gives MXFP4 91 registers (21 one-warp
-        programs per SM) and 80 without spilling (25); FP8 groups with the software encoder
-        119-122, and 96 without spilling (21 instead of 17). H200, M = 65536 / 16384: MXFP4
-        112.9 / 32.3 µs capped against 114.6 / 32.6; e4m3fnuz 1x128 130.6 / 37.0 against
-        132.5 / 37.5 (older encoder). Other modes gained nothing or spilled (per-tensor e4m3fnuz
-        at 96), and a cap above a kernel's own count lets ptxas take more registers than it needs
-        (e4m3fnuz per token: 71 uncapped, 96 under a cap of 96).
+        MXFP4 only, and only for q rows held as three tiles of 16 groups of 32 (DeepSeek's 1536:
+        48 elements per thread), the layout measured: sm_90 ptxas (Triton 3.6) gives it 91 registers
+        (21 one-warp programs per SM) and 80 without spilling (25). H200, M = 65536 / 16384:
+        112.9-113.4 / 32.3 µs capped against 114.6-115.4 / 32.6-32.8. Caps gained nothing for the
+        FP8 modes (e4m3fnuz 1x128 at 96 of its 119: 123.2 against 123.0 µs at M = 65536) or spilled
+        (per-tensor e4m3fnuz at 96), and a cap above a kernel's own count lets ptxas take more
+        registers than it needs (e4m3fnuz per token: 71 uncapped, 96 under a cap of 96).
         """
-        from . import triton_quant_kernels as te
-
-        kn = self._kernels
-        ng, nt, gs = tiles
-        if self._interpret or torch.version.hip is not None or nt != 3 or ng * gs != 512:
+        if self._interpret or torch.version.hip is not None or tiles != (16, 3, 32):
             return None
-        if q_mode == kn.Q_MXFP4.value:
-            return 80
-        if q_mode == kn.Q_GROUP.value and fp8_enc != te.FP8_HW_FN.value:
-            return 96
-        return None
+        return 80 if q_mode == self._kernels.Q_MXFP4.value else None
 
     # -- launching
 
@@ -503,16 +513,15 @@ class TritonBackend:
         """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.
 
         The amax launch reads all of q before anything can be quantized, so it must run at the
-        memory's speed on its own: a few hundred programs of 16 warps, each looping over blocks of
+        memory's speed on its own: at most a few hundred programs, each over one or more blocks of
         several rows (one row per program would leave as many partials for the main launch).
         """
-        m, chunked = args["M"], consts["Q_CHUNKED"]
-        rows = 1 if chunked else _prev_pow2(min(_AMAX_TILE // (consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"]), m))
-        amax_programs = min(m if chunked else -(-m // rows), _AMAX_PROGRAMS)
+        rows, warps, amax_programs = _amax_launch(args["M"], consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"],
+                                                  consts["Q_CHUNKED"])  # fmt: skip
         partials = torch.empty(amax_programs, dtype=torch.float32, device=args["Q_PTR"].device)
         inputs = ("Q_PTR", "q_stride", "Q_RES_PTR", "q_res_stride", "Q_W_PTR", "M", "q_eps", "k_eps")
         self._compile_launch(
-            amax_programs, _Config(rows, 1, _AMAX_WARPS),
+            amax_programs, _Config(rows, 1, warps),
             {**{n: args[n] for n in inputs}, "q_programs": amax_programs, "AMAX_PTR": partials,
              **consts, "Q_ROWS": rows, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
         )  # fmt: skip
