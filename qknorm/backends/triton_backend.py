@@ -14,12 +14,16 @@ Heuristics (measured numbers in the notes block below)
   ``_MAX_SINGLE`` columns are processed one per program in ``_CHUNK``-column passes (sum of
   squares, [span amax], write), re-reading the row from L2.
 - Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program with about
-  ``_EPT_DECODE`` elements per thread, k rows in programs of their own, group maxima in one
-  padded tile.
+  ``_EPT_DECODE`` elements per thread, k rows in programs of their own; the q row keeps the
+  tiles of every other bucket (batch invariance, see :func:`_config`).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
   rows); quantizing calls with two warps per q row up to 8192 rows, then one warp per q row
   with its k row in the same program (issue-bound kernels: no cross-warp reduction, and each
-  program mixes quantizing arithmetic with plain-norm memory traffic).
+  program mixes quantizing arithmetic with plain-norm memory traffic); DeepSeek's MXFP4
+  programs capped at 80 registers (:meth:`TritonBackend._register_cap`).
+- Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
+  ``_AMAX_PROGRAMS`` programs (:func:`_amax_launch`), then the quantizing launch, which walks
+  q's rows from the last.
 """
 
 from __future__ import annotations
