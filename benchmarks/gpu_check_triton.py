@@ -253,8 +253,15 @@ SWEEP = {
     "decode": [tb._Config(1, 1, w, kq) for w in (2, 4, 8) for kq in (False, True)],
     "prefill": [tb._Config(1, kr, w, False) for w, kr in ((1, 2), (1, 4), (2, 4), (2, 8), (4, 8))]
     + [tb._Config(1, 1, w, True) for w in (1, 2)]
-    + [tb._Config(2, 8, w, False) for w in (2, 4)],
+    + [tb._Config(2, 8, w, False) for w in (2, 4)]
+    # register caps: one-warp programs of 80-120 registers fit 16-21 warps per SM, at most 32
+    + [tb._Config(1, 1, 1, True, maxnreg=r) for r in (64, 72, 80, 96)]
+    + [tb._Config(1, 4, 2, maxnreg=r) for r in (48, 64)],
 }
+
+
+def _cfg_name(c: Any) -> str:
+    return f"w{c.num_warps}/k{c.k_rows}{'/kq' if c.k_with_q else ''}{f'/r{c.maxnreg}' if c.maxnreg else ''}"
 
 
 def sweep(ms: Sequence[int], modes: Sequence[str]) -> list[dict[str, Any]]:
@@ -277,12 +284,11 @@ def sweep(ms: Sequence[int], modes: Sequence[str]) -> list[dict[str, Any]]:
                     print(f"  {cfg}: {type(exc).__name__}: {exc}"[:200], flush=True)
                     continue
                 res.append((t, cfg))
-                out.append({"M": m, "mode": name, "warps": cfg.num_warps, "k_rows": cfg.k_rows,
-                            "k_with_q": cfg.k_with_q, "us": t, "default": cfg == default})  # fmt: skip
+                out.append({"M": m, "mode": name, "warps": cfg.num_warps, "k_rows": cfg.k_rows, "k_with_q": cfg.k_with_q,
+                            "maxnreg": cfg.maxnreg, "us": t, "default": cfg == default})  # fmt: skip
             res.sort(key=lambda r: r[0])
-            print(f"sweep M={m:6d} {name:10s} " + ", ".join(
-                f"{t:.2f} w{c.num_warps}/k{c.k_rows}{'/kq' if c.k_with_q else ''}" for t, c in res[:4])
-                + f"  default w{default.num_warps}/k{default.k_rows}{'/kq' if default.k_with_q else ''}", flush=True)  # fmt: skip
+            print(f"sweep M={m:6d} {name:10s} " + ", ".join(f"{t:.2f} {_cfg_name(c)}" for t, c in res[:5])
+                  + f"  default {_cfg_name(default)}", flush=True)  # fmt: skip
             del sets
             torch.cuda.empty_cache()
     return out

@@ -278,6 +278,10 @@ _CPU_CASES = [
     ],
     Case(entry="token", mode="fp8_token", m=3, n1=48, data="inf", seed=2),
     Case(entry="unified", mode="fp8_tensor", m=3, n1=48, data="nan", seed=2),
+    # One row: per-tensor FP8 in one launch (the per-token one), 1-D and 2-D scales, NaN rows.
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=64, n2=8, scale_2d=True, unquantized=True),
+    Case(entry="functional", mode="fp8_tensor", dtype="bfloat16", m=1, n1=33, n2=5, fp8="float8_e4m3fnuz"),
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=48, data="nan", seed=3),
 ]
 # The chunked path with 16-column chunks: spans wider than a chunk (group 32/64, per token,
 # per tensor), groups narrower than a chunk, MXFP4, k chunked too, widths not a chunk multiple.
@@ -298,6 +302,7 @@ _CHUNKED_CASES = [
     ),
     Case(entry="token", mode="fp8_token", m=3, n1=50, n2=20, out_pad=2),
     Case(entry="unified", mode="fp8_tensor", m=4, n1=40, residual=True),
+    Case(entry="unified", mode="fp8_tensor", m=1, n1=40, n2=20, residual=True),
     Case(entry="group", mode="mxfp4", group_size=32, m=2, n1=96, n2=18),
     Case(entry="group", mode="fp8_group", group_size=32, m=3, n1=64, data="nan", seed=4),
 ]
@@ -446,10 +451,26 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         assert config(QuantMode.FP8_TOKEN, m) == tb._Config(1, 1, 4)
         assert config(QuantMode.FP8_GROUP, m) == tb._Config(1, 1, 4)  # the tiles of every bucket (batch invariance)
         assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4)
+    assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 1, 4, one_pass=True)  # one row: one launch
+    assert config(QuantMode.FP8_TENSOR, 2) == tb._Config(1, 1, 4)
+    # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
+    caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
         assert config(mode, 4096) == tb._Config(1, 4, 2)
-        assert config(mode, 16384) == config(mode, 65536) == tb._Config(1, 1, 1, k_with_q=True)
+        big = tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
+        assert config(mode, 16384) == config(mode, 65536) == big
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
+
+
+def test_per_tensor_amax_launch_loops_with_larger_blocks_only_past_its_program_cap() -> None:
+    """(rows per block, warps, programs): one block of 8192 elements per program while q fits in
+    256 of them (DeepSeek q up to M = 1024), then 256 programs over blocks of 16384 elements."""
+    assert tb._amax_launch(1, 1536, False) == (1, 8, 1)
+    assert tb._amax_launch(256, 1536, False) == (4, 8, 64)
+    assert tb._amax_launch(1024, 1536, False) == (4, 8, 256)
+    assert tb._amax_launch(65536, 1536, False) == (8, 16, 256)
+    assert tb._amax_launch(300, 16384, True) == (1, 16, 256)  # chunked rows: one per block
+    assert tb._amax_launch(200, 16384, True) == (1, 8, 200)
 
 
 def test_tiles_cover_rows_with_the_least_padding() -> None:

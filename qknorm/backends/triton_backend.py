@@ -14,12 +14,16 @@ Heuristics (measured numbers in the notes block below)
   ``_MAX_SINGLE`` columns are processed one per program in ``_CHUNK``-column passes (sum of
   squares, [span amax], write), re-reading the row from L2.
 - Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program with about
-  ``_EPT_DECODE`` elements per thread, k rows in programs of their own, group maxima in one
-  padded tile.
+  ``_EPT_DECODE`` elements per thread, k rows in programs of their own; the q row keeps the
+  tiles of every other bucket (batch invariance, see :func:`_config`).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
   rows); quantizing calls with two warps per q row up to 8192 rows, then one warp per q row
   with its k row in the same program (issue-bound kernels: no cross-warp reduction, and each
-  program mixes quantizing arithmetic with plain-norm memory traffic).
+  program mixes quantizing arithmetic with plain-norm memory traffic); DeepSeek's MXFP4
+  programs capped at 80 registers (:meth:`TritonBackend._register_cap`).
+- Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
+  ``_AMAX_PROGRAMS`` programs (:func:`_amax_launch`), then the quantizing launch, which walks
+  q's rows from the last.
 """
 
 from __future__ import annotations
@@ -62,11 +66,18 @@ _EPT_DECODE = 16  # elements per thread at decode sizes
 _EPT_PREFILL = 32  # elements per thread at prefill sizes (plain norm)
 _EPT_QUANT = 64  # ... quantizing (one warp per DeepSeek q row)
 _TILE_NORM = 4096  # elements per program of the plain norm at prefill sizes (2 DeepSeek q rows, 8 k rows)
-# Per-tensor amax launch: at most _AMAX_PROGRAMS programs of _AMAX_WARPS warps, each looping over
-# blocks of about _AMAX_TILE elements; every program of the main launch re-reads the partials.
+# Per-tensor amax launch: at most _AMAX_PROGRAMS programs, each folding one or more blocks of rows
+# into one partial; every program of the main launch re-reads the partials. A program waits for
+# one block's loads before it asks for the next, so when the programs loop the bytes in flight
+# per SM are about two programs' blocks: with 8 warps over 8192 elements (4 DeepSeek q rows) the
+# launch read q at 46% of DRAM bandwidth at M = 65536 on the H200 (91.7 of 196 µs for both
+# launches, Nsight Compute); 16 warps over 16384 elements (8 rows) hold twice as many bytes at the
+# same 62 registers per thread, and per-tensor FP8 went from 198 to 171 µs with this and the
+# reversed main launch. Without a loop (q in at most _AMAX_PROGRAMS blocks of 8192 elements) the
+# smaller blocks spread over more programs: 4.17 against 4.50 µs at M = 256.
 _AMAX_PROGRAMS = 256
-_AMAX_WARPS = 8
-_AMAX_TILE = 8192
+_AMAX_ONE_BLOCK = (8192, 8)  # (elements per block, warps) when each program takes one block
+_AMAX_LOOPING = (16384, 16)  # ... when the programs loop over blocks
 
 # Kernel parameters holding tensors -> the request attribute that supplies them.
 _TENSORS = {
@@ -130,6 +141,8 @@ class _Config:
     num_warps: int
     k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
     one_tile: bool = False  # q rows in one padded power-of-two tile (the plain norm; see _config)
+    one_pass: bool = False  # per-tensor FP8 of a single row: one launch, quantized as per-token
+    maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
 
 
 @dataclass
@@ -147,6 +160,7 @@ class _Plan:
     two_pass: bool  # per-tensor FP8: an amax launch first
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
+    register_cap: int | None = None  # maxnreg of the one-warp k-with-q configuration (see _register_cap)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -170,6 +184,10 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     plain norm in one padded tile, the quantizing modes in tiles without padding.
     """
     cfg = _bucket_config(plan, bucket)
+    if plan.two_pass and bucket == _bucket(1) and _BUCKETS[bucket] == 1:
+        # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
+        # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
+        return replace(cfg, one_pass=True)
     return cfg if plan.quantizes else replace(cfg, one_tile=True)
 
 
@@ -198,9 +216,26 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         # Issue-bound: the fewest warps per row (no cross-warp reduction), each q row with its k
         # row so that every program mixes the quantizing arithmetic with plain-norm traffic
         # (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123 against 148 µs).
-        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True)
+        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=plan.register_cap)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
+
+
+def _amax_launch(m: int, row_elements: int, chunked: bool) -> tuple[int, int, int]:
+    """(rows per block, warps, programs) of the per-tensor amax launch over ``m`` q rows.
+
+    ``row_elements`` is the q row as held in registers (tiles included); chunked rows are one
+    row per block.
+    """
+    def rows_blocks(elements: int) -> tuple[int, int]:
+        rows = 1 if chunked else _prev_pow2(min(elements // row_elements, m))
+        return rows, m if chunked else -(-m // rows)
+
+    rows, blocks = rows_blocks(_AMAX_ONE_BLOCK[0])
+    if blocks <= _AMAX_PROGRAMS:
+        return rows, _AMAX_ONE_BLOCK[1], blocks
+    rows, blocks = rows_blocks(_AMAX_LOOPING[0])
+    return rows, _AMAX_LOOPING[1], min(blocks, _AMAX_PROGRAMS)
 
 
 def _warps(elements: int, per_thread: int) -> int:
@@ -348,9 +383,25 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
+            register_cap=self._register_cap(q_mode, tiles[False]),
         )  # fmt: skip
         self._plans[key] = plan
         return plan
+
+    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
+        """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM.
+
+        MXFP4 only, and only for q rows held as three tiles of 16 groups of 32 (DeepSeek's 1536:
+        48 elements per thread), the layout measured: sm_90 ptxas (Triton 3.6) gives it 91 registers
+        (21 one-warp programs per SM) and 80 without spilling (25). H200, M = 65536 / 16384:
+        112.9-113.4 / 32.3 µs capped against 114.6-115.4 / 32.6-32.8. Caps gained nothing for the
+        FP8 modes (e4m3fnuz 1x128 at 96 of its 119: 123.2 against 123.0 µs at M = 65536) or spilled
+        (per-tensor e4m3fnuz at 96), and a cap above a kernel's own count lets ptxas take more
+        registers than it needs (e4m3fnuz per token: 71 uncapped, 96 under a cap of 96).
+        """
+        if self._interpret or torch.version.hip is not None or tiles != (16, 3, 32):
+            return None
+        return 80 if q_mode == self._kernels.Q_MXFP4.value else None
 
     # -- launching
 
@@ -381,6 +432,8 @@ class TritonBackend:
         q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q}  # fmt: skip
+        if cfg.one_pass:
+            consts["Q_MODE"] = self._kernels.Q_ROW.value
         launch = _Launch(consts, [consts[n] for n in self._constexpr_names], k_with_q)
         plan.launches[cfg] = launch
         return launch
@@ -405,6 +458,8 @@ class TritonBackend:
         scale = req.q_scale
         if scale is not None and scale.dim() > 1:
             args["q_scale_stride_g"] = scale.stride(1)
+        elif cfg.one_pass:
+            args["q_scale_stride_g"] = 0  # the one scale of a per-token launch over one row (chunked rows index it)
         launch = plan.launches.get(cfg) or self._prepare(plan, cfg, args["K_PTR"] is not None)
         q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
         k_programs = 0
@@ -423,7 +478,7 @@ class TritonBackend:
         if plan.fnuz_view and "Q_QUANT_PTR" in tensors:
             tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
         args.update(tensors)
-        if plan.two_pass:
+        if plan.two_pass and not cfg.one_pass:
             self._launch_two_pass(grid, cfg, args, launch.consts)
             return
         compiled = self._compile_launch(grid, cfg, {**args, **launch.consts})
@@ -462,16 +517,15 @@ class TritonBackend:
         """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.
 
         The amax launch reads all of q before anything can be quantized, so it must run at the
-        memory's speed on its own: a few hundred programs of 8 warps, each looping over blocks of
+        memory's speed on its own: at most a few hundred programs, each over one or more blocks of
         several rows (one row per program would leave as many partials for the main launch).
         """
-        m, chunked = args["M"], consts["Q_CHUNKED"]
-        rows = 1 if chunked else _prev_pow2(min(_AMAX_TILE // (consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"]), m))
-        amax_programs = min(m if chunked else -(-m // rows), _AMAX_PROGRAMS)
+        rows, warps, amax_programs = _amax_launch(args["M"], consts["Q_NG"] * consts["Q_GS"] * consts["Q_NT"],
+                                                  consts["Q_CHUNKED"])  # fmt: skip
         partials = torch.empty(amax_programs, dtype=torch.float32, device=args["Q_PTR"].device)
         inputs = ("Q_PTR", "q_stride", "Q_RES_PTR", "q_res_stride", "Q_W_PTR", "M", "q_eps", "k_eps")
         self._compile_launch(
-            amax_programs, _Config(rows, 1, _AMAX_WARPS),
+            amax_programs, _Config(rows, 1, warps),
             {**{n: args[n] for n in inputs}, "q_programs": amax_programs, "AMAX_PTR": partials,
              **consts, "Q_ROWS": rows, "Q_MODE": self._kernels.Q_AMAX.value, "K_WITH_Q": False},
         )  # fmt: skip
@@ -480,7 +534,9 @@ class TritonBackend:
     def _compile_launch(self, grid: int, cfg: _Config, args: dict[str, Any]) -> Any:
         """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
         try:
-            return self._kernels._qk_rmsnorm_kernel[(grid,)](**{**self._blank, **args}, num_warps=cfg.num_warps)
+            return self._kernels._qk_rmsnorm_kernel[(grid,)](
+                **{**self._blank, **args}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg
+            )
         except Exception as exc:
             if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc

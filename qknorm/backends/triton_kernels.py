@@ -354,7 +354,8 @@ def _qk_rmsnorm_kernel(
     ``rnd(x)`` (residual), ``rnd(y)`` (q_out / k_out), and q's FP8 codes with
     ``scale = max(1e-10, amax) * fl32(1/FMAX)`` or MXFP4 nibbles with an E8M0 exponent.
     Per-tensor FP8 is two launches: Q_AMAX writes each program's amax to AMAX_PTR, then
-    Q_TENSOR reduces those partials in every program (program 0 stores the scale).
+    Q_TENSOR reduces those partials in every program (program 0 stores the scale) and walks
+    q's row blocks from the last to the first.
     """
     pid = tl.program_id(0)
     if pid < q_programs:
@@ -372,14 +373,19 @@ def _qk_rmsnorm_kernel(
             tl.store(AMAX_PTR + pid, amax)
         else:
             scale = 0.0
+            blk = pid
             if Q_MODE == Q_TENSOR:
                 p = tl.arange(0, AMAX_BLOCK)
                 amax = tl.reduce(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0.0), None, max_nan)
                 scale = amax * INV_FMAX
                 if pid == 0:
                     tl.store(Q_SCALE_PTR, scale)
+                # The amax launch reads q's row blocks in rising order, so its last reads (up to
+                # the L2's 60 MiB on the H200) are the highest blocks: the first programs here
+                # take those and find them in L2.
+                blk = q_programs - 1 - pid
             _q_block(
-                pid, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
+                blk, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
@@ -387,7 +393,7 @@ def _qk_rmsnorm_kernel(
             )  # fmt: skip
             if K_WITH_Q:
                 _k_block(
-                    pid, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
+                    blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
                     N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA,
                 )  # fmt: skip
     elif K_PTR is not None:

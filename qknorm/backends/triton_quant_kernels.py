@@ -67,31 +67,49 @@ def to_out(x, OUT_PTR, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _fnuz_code(v):
+    """fp32 ``v`` (|v| < 248 or NaN) -> e4m3fnuz byte, RNE, as torch's cast: the FPU rounds.
+
+    Adding M = 2^20 * 2^E to |v| in [2^E, 2^(E+1)) (E >= -7; M = 2^13 below 2^-7, where the
+    subnormal step is 2^-10) rounds |v| to a multiple of its FP8 step 2^(E-3) with
+    round-to-nearest-even, and the bits of the sum minus those of M count the steps k; the code
+    is k plus 8 per binade above the subnormal one (k = 16 carries into the next binade's code).
+    NaN (and inf) has its magnitude's bits clamped to those of 256, which counts 8 steps of 32
+    into code 0x80, fnuz's NaN, and the comparison below adds the same bit. The sign goes on
+    below -2^-11 only: values that round to zero give 0 (fnuz has no negative zero). About 11
+    instructions per element against 17 for rounding the significand in integer arithmetic with
+    separate subnormal, zero and NaN cases (sm_90 SASS; with the older encoder e4m3fnuz FP8 1x128
+    ran at 80% of a copy at M = 65536 on the H200, against 96% for e4m3fn's hardware conversion).
+    """
+    bits = tl.minimum(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x43800000)  # |v|, NaN and inf -> 256
+    eb = tl.maximum(bits >> 23, 127 - 7)  # binade of |v|, at least 2^-7's
+    big = (eb + 20) << 23  # the bits of M
+    k = (bits.to(tl.float32, bitcast=True) + big.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - big
+    sign = tl.where(v >= -(2.0**-11), 0, 0x80)  # NaN compares false: 0x80
+    return (k + 8 * (eb - (127 - 7))) | sign
+
+
+@triton.jit
 def fp8_code(v, FNUZ: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 ``v`` (|v| < 464 for e4m3fn, < 248 for e4m3fnuz, or NaN) -> FP8 byte, RNE, as torch's casts.
 
     Out of that range torch saturates; the kernels never get there (|y / scale| <= FMAX (1 + 2^-22),
-    see :func:`quotient`), so no clamp is spent. Software path: normals round the fp32
+    see :func:`quotient`), so no clamp is spent. Software path, e4m3fn: normals round the fp32
     significand to 3 bits in integer arithmetic; subnormals are rounded by the FPU itself by
-    adding a power of two whose ulp is the FP8 subnormal step (2^-9 for e4m3fn: 2^14; 2^-10 for
-    e4m3fnuz: 2^13), the integer difference of the bits then being the code (code 8 is the
-    smallest normal, as it should be). e4m3fn keeps the sign of zero and encodes NaN as
-    0x7F|sign; e4m3fnuz has no negative zero and 0x80 is NaN.
+    adding a power of two whose ulp is the FP8 subnormal step (2^-9: 2^14), the integer
+    difference of the bits then being the code (code 8 is the smallest normal, as it should be);
+    the sign of zero is kept and NaN is 0x7F|sign. e4m3fnuz: :func:`_fnuz_code`.
     """
     if NATIVE:
         return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     else:
-        b = v.to(tl.int32, bitcast=True)
-        a = b & 0x7FFFFFFF
-        sign = (b >> 24) & 0x80
-        mag = a.to(tl.float32, bitcast=True)
         if FNUZ:
-            normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 8) << 3)
-            sub = (mag + 8192.0).to(tl.int32, bitcast=True) - 0x46000000
-            code = tl.where(a < 0x3C000000, sub, normal)  # 2^-7: smallest e4m3fnuz normal
-            code = tl.where(code == 0, 0, code | sign)
-            code = tl.where(a > 0x7F800000, 0x80, code)
+            code = _fnuz_code(v)
         else:
+            b = v.to(tl.int32, bitcast=True)
+            a = b & 0x7FFFFFFF
+            sign = (b >> 24) & 0x80
+            mag = a.to(tl.float32, bitcast=True)
             normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3)
             sub = (mag + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
             code = tl.where(a < 0x3C800000, sub, normal)  # 2^-6: smallest e4m3fn normal
