@@ -94,6 +94,7 @@ def _norm_rope_rows(
     X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
     D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
     IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, NATIVE: tl.constexpr, EARLY_LOADS: tl.constexpr,
+    FMA: tl.constexpr,
 ):  # fmt: skip
     """Rules 1-3 for a block of rows: returns fp32 ``(z1, z2, zp, i1, i2, j, m1, mp)``.
 
@@ -130,8 +131,14 @@ def _norm_rope_rows(
     if ROT > 0:
         u1 = _rnd((x1 * r) * w1, X_PTR, NATIVE)
         u2 = _rnd((x2 * r) * w2, X_PTR, NATIVE)
-        z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
-        z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
+        if FMA:
+            # The first product fused, written out: left to the compiler, which of the two it
+            # fuses followed the order of unrelated loads (1-ulp changes in a few q elements).
+            z1 = _rnd(tl.fma(u1, c, (u2 * s) * -1.0), X_PTR, NATIVE)
+            z2 = _rnd(tl.fma(u2, c, u1 * s), X_PTR, NATIVE)
+        else:
+            z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
+            z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
     else:
         z1 = tl.zeros((rows.shape[0], HALF_P), tl.float32)
         z2 = z1
@@ -185,7 +192,7 @@ def _q_program(
         scale = tl.load(SCALE_PTR + tl.zeros((1, 1), tl.int32))
     z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
         X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
-        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
     )  # fmt: skip
     base = t.to(tl.int64)[:, None] * out_stride_t + h.to(tl.int64)[:, None] * out_stride_h
     _store_rows(OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale, ROT, FP8, FMAX, FNUZ, NATIVE, NATIVE_FP8, FMA)
@@ -226,7 +233,7 @@ def _k_program(
                         mask=rmask[:, None] & (dv < DV))  # fmt: skip
     z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
         K_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
-        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
     )  # fmt: skip
     if K_OUT_PTR is not None:
         base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
