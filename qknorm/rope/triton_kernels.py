@@ -13,7 +13,8 @@ them without a rotation). RoPE then is elementwise between the first two tiles.
 
 Numerics as :mod:`qknorm.rope.reference`: fp32 throughout; ``r = rsqrt(sum(x^2) * fl32(1/D) +
 eps)`` (within ~2 ulp of r, as §3 allows); ``u = f(rnd((x * r) * w))``; ``z = (a*c - b*s,
-b*c + a*s)`` (the compiler may fuse multiply-adds, §3 allows it); outputs ``rnd(z)``. FP8
+b*c + a*s)``, compiled as ``fma(a, c, -(b*s))`` and ``fma(b, c, a*s)`` (§3 allows fused
+multiply-adds; the interpreter rounds both products); outputs ``rnd(z)``. FP8
 values ``fp8_rne(clamp(f(rnd(z)) / scale, +-FMAX))`` with a correctly rounded division; scales
 are loaded from device memory by every program (CUDA-graph safe). The fp32 -> bf16 / FP8
 encoders are the first operator's (exact software paths where the target has no native RNE).
@@ -133,7 +134,8 @@ def _norm_rope_rows(
         u2 = _rnd((x2 * r) * w2, X_PTR, NATIVE)
         if FMA:
             # The first product fused, written out: left to the compiler, which of the two it
-            # fuses followed the order of unrelated loads (1-ulp changes in a few q elements).
+            # fused changed with the order of unrelated loads and with the launch configuration
+            # (1-ulp changes in a few elements).
             z1 = _rnd(tl.fma(u1, c, (u2 * s) * -1.0), X_PTR, NATIVE)
             z2 = _rnd(tl.fma(u2, c, u1 * s), X_PTR, NATIVE)
         else:
