@@ -31,17 +31,18 @@ __all__ = ["RopeTritonBackend", "launch_config"]
 
 logger = logging.getLogger(__name__)
 
-# Measured on an NVIDIA H200 (docs/benchmarks.md, qk_norm_rope section), Qwen3-8B shapes,
-# CUDA-graph replay, µs per call, bf16 / FP8 cache (tile = elements per program, ept = elements
-# per thread; early / late = loads before / after the norm's reduction; decode inputs in L2):
-#   T=1     tile 512 ept 4: early 1.44 / 1.52, late 1.58 / 1.67;  tile 1024 ept 8: early 1.91 / 1.69, late 1.80 / 2.21
-#   T=64    tile 512 ept 4: early 1.83 / 1.92, late 1.95 / 2.05;  tile 1024 ept 8: early 2.16 / 1.98, late 1.99 / 2.43
-#   T=256   tile 1024 ept 8: early 2.94 / 2.90, late 2.79 / 3.21;  tile 512 ept 4: early 3.41 / 3.65
-#   T=16384 tile 2048 ept 32: late 108.1, early 110.5;  tile 4096 ept 32: late 108.5 / 105.1, early 111.4 / 117.7
+# Measured on an NVIDIA H200 (docs/benchmarks.md, qk_norm_rope section: the sweep at commit
+# 1f402e1; T=65536 from the A/B run there), Qwen3-8B shapes, CUDA-graph replay, µs per call, bf16 /
+# FP8 cache (tile = elements per program, ept = elements per thread; early / late = loads before /
+# after the norm's reduction; decode-sized inputs in L2):
+#   T=1     tile 512 ept 4: early 1.43 / 1.53, late 1.59 / 1.65;  tile 1024 ept 8: early 1.90 / 1.62, late 1.87 / 2.12
+#   T=64    tile 512 ept 4: early 1.82 / 1.90, late 1.94 / 2.03;  tile 1024 ept 8: early 2.17 / 1.94, late 2.19 / 2.40
+#   T=256   tile 1024 ept 8: early 2.94 / 2.88, late 2.94 / 3.18;  tile 512 ept 4: early 3.39 / 3.63
+#   T=16384 tile 2048 ept 32: late 106.8 / 104.3, early 109.6 / 115.4;  tile 4096 ept 32: late 107.9 / 105.1
 #   T=65536 tile 2048 ept 32: late 414.5, early 424.4;  tile 4096 ept 32: late 417.3 / 402.5, early 426.4 / 456.7
 # Early loads cost registers (72 against 62-64 per thread at T=16384: 7 programs per SM instead of
-# 8, 3.64 against 3.72-3.77 TB/s in Nsight Compute), so prefill loads late. At T=256 early loads
-# cost bf16 0.15 µs and save FP8 0.3 µs; early is kept there (FP8 within 1.1x of bf16).
+# 8, 3.64 against 3.72-3.77 TB/s in Nsight Compute), so prefill loads late. At T=256 the order
+# does not move bf16 and early loads save FP8 0.3 µs.
 # Buckets: (largest T or None, elements per program, elements per thread, early loads).
 _BUCKETS: tuple[tuple[int | None, int, int, bool], ...] = (
     (64, 512, 4, True),
