@@ -8,7 +8,7 @@ writes). Three token-count buckets (``_BUCKETS``) fix the elements a block holds
 each thread holds (which gives the warps) and the load order. Decode sizes are latency bound:
 small blocks (more programs, each a short chain) with every load issued before the norm's
 reduction, so that a program waits for two dependent memory round trips (position, then
-cos/sin) instead of four. Prefill sizes are bandwidth bound: fuller blocks with many elements
+cos/sin) instead of three (x, then position, then cos/sin; a k program's v rows were a fourth). Prefill sizes are bandwidth bound: fuller blocks with many elements
 per thread, and the weights, cos/sin and v rows loaded after the reduction, which keeps fewer
 registers live across it and more programs resident per SM.
 """
