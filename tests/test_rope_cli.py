@@ -65,3 +65,15 @@ def test_bench_rope_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(list(argv)) or 3)
     assert main(["bench", "rope", "--t", "1"]) == 3
     assert seen == [["--t", "1"]]
+
+
+def test_bench_keeps_decode_sized_calls_in_l2_and_rotates_larger_ones_over_3x_l2() -> None:
+    rotation_sets = bench.rotation_sets
+    l2 = 60 * 2**20
+    for nbytes in (30_000, 1_610_000, 6_430_000, l2 // 8):  # T = 1, 64, 256 (Qwen3-8B) and the bound
+        sets = rotation_sets(nbytes, l2)
+        assert 1 <= sets <= 16 and sets * nbytes <= l2 // 2, (nbytes, sets)
+    assert rotation_sets(30_000, l2) == 16
+    for nbytes in (l2 // 8 + 1, 25_700_000, 410_000_000):  # T = 1024, 16384
+        sets = rotation_sets(nbytes, l2)
+        assert sets == 16 or sets * nbytes >= 3 * l2, (nbytes, sets)

@@ -65,7 +65,21 @@ def test_launch_config_blocks_are_powers_of_two(t: int) -> None:
 
 
 def test_many_programs_per_token_and_many_tokens_per_program(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows of one token split across programs and programs spanning tokens agree with the reference."""
+    """Rows of one token split across programs and programs spanning tokens agree with the reference,
+    with the loads issued before the norm's reduction and after it."""
     for tile in (16, 256):
-        monkeypatch.setattr(triton_launch, "_TILE_DECODE", tile)
-        run_case(RopeCase(t=7, hq=6, hk=2, d=16, cache=E4M3), "triton")
+        for early in (True, False):
+            monkeypatch.setattr(triton_launch, "_BUCKETS", ((None, tile, 8, early),))
+            run_case(RopeCase(t=7, hq=6, hk=2, d=16, cache=E4M3), "triton")
+            run_case(RopeCase(t=5, hq=3, hk=1, d=12, rot=8, is_neox=False, cache=BF16, gemma=True), "triton")
+
+
+@pytest.mark.parametrize("max_t", [0, 1, 40, 64, 65, 256, 300, 70000])
+def test_warmup_sizes_cover_every_bucket(max_t: int) -> None:
+    """Every bucket that a call of at most max_t tokens falls in has a warmup size (CUDA-graph capture needs it)."""
+    sizes = triton_launch.RopeTritonBackend().warmup_sizes(max_t)
+    assert all(1 <= t <= max_t for t in sizes)
+    warmed = {triton_launch._bucket(t) for t in sizes}
+    for t in (1, 2, 63, 64, 65, 255, 256, 257, 1000, 70000):
+        if t <= max_t:
+            assert triton_launch._bucket(t) in warmed, (t, sizes)

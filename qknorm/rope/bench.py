@@ -17,9 +17,18 @@ with ``slot_mapping`` placing each token in a shuffled block. Implementations (s
 - ``copy``: a device copy of as many bytes as qknorm reads and writes (the faster of
   ``Tensor.copy_`` and an elementwise copy kernel): the bandwidth ceiling.
 
+Bytes of a call (``gb_s``, and the copy's size) are what it reads and writes: q, k, v and the
+table rows at its positions read, positions and slots read, q, k and v written.
+
 Times (µs per call) as the first operator's benchmark (:mod:`qknorm.bench`): ``graph_us`` from
-CUDA-graph replay over buffer sets holding >= 3x the L2 (cold L2 at large T), ``eager_us`` the
-wall time of back-to-back calls. A launch-configuration sweep of qknorm's kernel follows.
+CUDA-graph replay, calls rotating over independent buffer sets sized by those bytes,
+``eager_us`` the wall time of back-to-back calls. Each set has its own qkv, positions, slots
+and caches of exactly T slots (the rows a call writes); one rotary table and the weights are
+shared by all sets, as every layer of an engine shares them. Decode-sized calls (bytes <= 1/8
+of the L2) rotate over sets that together fit in half the L2: in decoding qkv was just written
+by the QKV projection and is still in L2. Larger calls rotate over sets holding >= 3x the L2
+(at most 16; cold L2, as :func:`qknorm.bench_report.buffer_sets`). A launch-configuration sweep
+of qknorm's kernel follows.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bench import eager_time_us, graph_time_us
+from ..bench_report import buffer_sets
 from . import triton_launch
 from .api import qk_norm_rope
 
@@ -45,6 +55,7 @@ __all__ = ["main"]
 HQ, HK, D, BS = 32, 8, 128, 16  # Qwen3-8B, vLLM's default block size
 EPS = 1e-6
 DEFAULT_T = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+TABLE_ROWS = 65536  # positions drawn from the whole table
 Fn = Callable[[], object]
 
 
@@ -98,24 +109,35 @@ class _Set:
     def __init__(self, t: int, dev: torch.device, gen: torch.Generator) -> None:
         blocks = -(-t // BS)
         self.qkv = torch.randn((t, (HQ + 2 * HK) * D), device=dev, generator=gen).to(torch.bfloat16)
-        self.pos = torch.randint(0, 65536, (t,), device=dev, generator=gen)
+        self.pos = torch.randint(0, TABLE_ROWS, (t,), device=dev, generator=gen)
         order = torch.randperm(blocks, device=dev, generator=gen)
         tok = torch.arange(t, device=dev)
         self.slots = order[tok // BS] * BS + tok % BS
         self.kc, self.vc = (torch.zeros((blocks, BS, HK, D), dtype=torch.bfloat16, device=dev) for _ in range(2))
         self.kc8, self.vc8 = (torch.zeros((blocks, BS, HK, D), dtype=torch.float8_e4m3fn, device=dev) for _ in range(2))
         self.q, self.k, self.v = (x.view(t, -1, D) for x in self.qkv.split((HQ * D, HK * D, HK * D), dim=-1))
-        self.copy_src = torch.empty(self.qkv.numel() // 2, dtype=torch.int32, device=dev).random_(generator=gen)
+        self.table_rows = int(self.pos.unique().numel())
+        self.copy_src = torch.empty(-(-self.nbytes() // 8), dtype=torch.int32, device=dev).random_(generator=gen)
         self.copy_dst = torch.empty_like(self.copy_src)
 
     def nbytes(self) -> int:
-        """What qknorm reads and writes: q, k, v read; q, k and v written (q in place, k and v to the cache)."""
-        return 2 * self.qkv.numel() * 2
+        """What qknorm reads and writes: q, k, v, the fp32 table rows at the positions, positions and
+        slots read; q, k and v written (q in place, k and v to the cache)."""
+        t = self.qkv.shape[0]
+        return 2 * self.qkv.numel() * 2 + self.table_rows * D * 4 + t * (8 + 8)
+
+
+def rotation_sets(nbytes: int, l2: int) -> int:
+    """Buffer sets to rotate over for a call of ``nbytes``: together within half the L2 for
+    decode-sized calls (<= 1/8 of the L2), else >= 3x the L2 (see the module docstring)."""
+    if nbytes <= l2 // 8:
+        return max(1, min(16, l2 // (2 * nbytes)))
+    return buffer_sets(nbytes, l2)
 
 
 class _Ctx:
     def __init__(self, dev: torch.device, gen: torch.Generator) -> None:
-        self.table = torch.rand((65536, D), device=dev, generator=gen)
+        self.table = torch.rand((TABLE_ROWS, D), device=dev, generator=gen)
         self.table16 = self.table.to(torch.bfloat16)
         self.qw = (1 + 0.1 * torch.randn(D, device=dev, generator=gen)).to(torch.bfloat16)
         self.kw = (1 + 0.1 * torch.randn(D, device=dev, generator=gen)).to(torch.bfloat16)
@@ -162,7 +184,7 @@ def _time(fns: Sequence[Fn], t: int, sets: int, eager: bool) -> tuple[float | No
 def bench_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -> list[dict[str, Any]]:
     """Every implementation at ``t`` tokens: one row each."""
     probe = _Set(t, dev, gen)
-    sets = max(1, min(16, -(-3 * l2 // probe.nbytes())))
+    sets = rotation_sets(probe.nbytes(), l2)
     bufs = [probe] + [_Set(t, dev, gen) for _ in range(sets - 1)]
     per = [_impls(c, s) for s in bufs]
     rows = []
@@ -178,34 +200,36 @@ def bench_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -
 
 
 def sweep_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -> list[dict[str, Any]]:
-    """qknorm's kernel at other tiles and elements per thread (same T): does the heuristic pick well?"""
+    """qknorm's kernel at other tiles, elements per thread and load orders (same T): does the heuristic pick well?"""
     probe = _Set(t, dev, gen)
-    sets = max(1, min(16, -(-3 * l2 // probe.nbytes())))
+    sets = rotation_sets(probe.nbytes(), l2)
     bufs = [probe] + [_Set(t, dev, gen) for _ in range(sets - 1)]
-    fns = [_impls(c, s)["qknorm"] for s in bufs]
+    per = [_impls(c, s) for s in bufs]
     tl_ = triton_launch
-    saved = (tl_._TILE_DECODE, tl_._TILE_PREFILL, tl_._EPT_DECODE, tl_._EPT_PREFILL)
+    saved = tl_._BUCKETS
     rows = []
-    decode = t <= tl_._DECODE_MAX_T
-    tiles, epts = ((512, 1024, 2048), (4, 8, 16)) if decode else ((2048, 4096, 8192, 16384), (8, 16, 32))
+    decode = tl_._bucket(t)[0] is not None
+    tiles, epts = ((512, 1024), (4, 8)) if decode else ((2048, 4096), (32,))
     try:
         for tile in tiles:
             for ept in epts:
-                tl_._TILE_DECODE = tl_._TILE_PREFILL = tile
-                tl_._EPT_DECODE = tl_._EPT_PREFILL = ept
-                g, _, note = _time(fns, t, sets, eager=False)
-                rows.append(dict(section="sweep", t=t, impl=f"tile {tile} ept {ept}", graph_us=g, eager_us=None,
-                                 sets=sets, note=note, gb_s=None))  # fmt: skip
-                print(f"sweep T={t} tile {tile} ept {ept}: {g} {note}", flush=True)
+                for early in (True, False):
+                    tl_._BUCKETS = ((None, tile, ept, early),)
+                    for name in ("qknorm", "qknorm fp8"):
+                        g, _, note = _time([p[name] for p in per], t, sets, eager=False)
+                        impl = f"{name} tile {tile} ept {ept} {'early' if early else 'late'}"
+                        rows.append(dict(section="sweep", t=t, impl=impl, graph_us=g, eager_us=None, sets=sets,
+                                         note=note, gb_s=None))  # fmt: skip
+                        print(f"sweep T={t} {impl}: {g} {note}", flush=True)
     finally:
-        tl_._TILE_DECODE, tl_._TILE_PREFILL, tl_._EPT_DECODE, tl_._EPT_PREFILL = saved
+        tl_._BUCKETS = saved
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qknorm bench rope", description="qk_norm_rope against its peers (GPU)")
     p.add_argument("--t", default=",".join(map(str, DEFAULT_T)), help="token counts, comma-separated")
-    p.add_argument("--sweep", default="1,256,16384,65536", help="token counts of the launch sweep ('' for none)")
+    p.add_argument("--sweep", default="1,64,256,16384", help="token counts of the launch sweep ('' for none)")
     p.add_argument("--out", default="bench-out", help="folder for bench_rope.csv")
     p.add_argument("--commit", default=os.environ.get("QKNORM_COMMIT", "unknown"), help="commit recorded in the CSV")
     args = p.parse_args(argv)

@@ -13,7 +13,8 @@ them without a rotation). RoPE then is elementwise between the first two tiles.
 
 Numerics as :mod:`qknorm.rope.reference`: fp32 throughout; ``r = rsqrt(sum(x^2) * fl32(1/D) +
 eps)`` (within ~2 ulp of r, as §3 allows); ``u = f(rnd((x * r) * w))``; ``z = (a*c - b*s,
-b*c + a*s)`` (the compiler may fuse multiply-adds, §3 allows it); outputs ``rnd(z)``. FP8
+b*c + a*s)``, compiled as ``fma(a, c, -(b*s))`` and ``fma(b, c, a*s)`` (§3 allows fused
+multiply-adds; the interpreter rounds both products); outputs ``rnd(z)``. FP8
 values ``fp8_rne(clamp(f(rnd(z)) / scale, +-FMAX))`` with a correctly rounded division; scales
 are loaded from device memory by every program (CUDA-graph safe). The fp32 -> bf16 / FP8
 encoders are the first operator's (exact software paths where the target has no native RNE).
@@ -58,17 +59,52 @@ def _load_w(W_PTR, idx, mask, GEMMA: tl.constexpr):
 
 
 @triton.jit
+def _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT: tl.constexpr):
+    """Offsets ``[R, 1]`` (int64) of each row's table row and whether its position is valid.
+
+    Issued first in every program: the cos/sin loads wait for it (two dependent round trips).
+    """
+    if ROT > 0:
+        p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
+        p_ok = (p >= 0) & (p < max_pos)
+        return tl.where(p_ok, p, 0)[:, None] * cos_sin_stride, p_ok[:, None]
+    else:
+        return (t * 0).to(tl.int64)[:, None], rmask[:, None] & False
+
+
+@triton.jit
+def _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero,
+                       ROT: tl.constexpr, GEMMA: tl.constexpr):  # fmt: skip
+    """``(wp, w1, w2, c, s)``: the weights at the three channel tiles and each row's cos/sin."""
+    # Weights are loaded at the tile's full shape (repeats hit L1): a [1, N] load would get a
+    # layout of its own and cost a layout conversion of the tile (measured for the first operator).
+    wp = _load_w(W_PTR, j + zero, mp, GEMMA)
+    if ROT > 0:
+        w1 = _load_w(W_PTR, i1 + zero, m1, GEMMA)
+        w2 = _load_w(W_PTR, i2 + zero, m1, GEMMA)
+        cmask = m1 & p_ok
+        c = tl.load(COS_SIN_PTR + row + half, mask=cmask, other=1.0).to(tl.float32)
+        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half, mask=cmask, other=0.0).to(tl.float32)
+        return wp, w1, w2, c, s
+    else:
+        return wp, 1.0, 1.0, 1.0, 0.0
+
+
+@triton.jit
 def _norm_rope_rows(
-    X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
-    COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+    X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
     D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
-    IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, NATIVE: tl.constexpr,
+    IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, NATIVE: tl.constexpr, EARLY_LOADS: tl.constexpr,
+    FMA: tl.constexpr,
 ):  # fmt: skip
     """Rules 1-3 for a block of rows: returns fp32 ``(z1, z2, zp, i1, i2, j, m1, mp)``.
 
     ``z1``/``z2`` ``[R, HALF_P]`` are the rotated pair elements at channels ``i1``/``i2``, ``zp``
     ``[R, PASS_P]`` the pass-through channels ``j``; ``m1``/``mp`` their masks. Values are
-    already representable in the input dtype (``f(rnd(z))``).
+    already representable in the input dtype (``f(rnd(z))``). ``row``/``p_ok`` come from
+    :func:`_table_rows`. With EARLY_LOADS the weights and cos/sin are loaded before the norm's
+    reduction (loads are not moved across its barrier: one memory round trip less), else after
+    it (fewer registers live across it: more programs per SM).
     """
     base = t.to(tl.int64)[:, None] * stride_t + h.to(tl.int64)[:, None] * stride_h
     half = tl.arange(0, HALF_P)[None, :]
@@ -79,28 +115,32 @@ def _norm_rope_rows(
     m1 = rmask[:, None] & (half < ROT // 2)
     j = ROT + tl.arange(0, PASS_P)[None, :]
     mp = rmask[:, None] & (j < D)
+    zero = (rows * 0)[:, None]
     xp = tl.load(X_PTR + base + j, mask=mp, other=0.0).to(tl.float32)
-    sumsq = tl.sum(xp * xp, axis=1)
     if ROT > 0:
         x1 = tl.load(X_PTR + base + i1, mask=m1, other=0.0).to(tl.float32)
         x2 = tl.load(X_PTR + base + i2, mask=m1, other=0.0).to(tl.float32)
+    if EARLY_LOADS:
+        wp, w1, w2, c, s = _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero, ROT, GEMMA)
+    sumsq = tl.sum(xp * xp, axis=1)
+    if ROT > 0:
         sumsq += tl.sum(x1 * x1 + x2 * x2, axis=1)
     r = tl.rsqrt(sumsq * (1.0 / D) + eps)[:, None]
-    # Weights are loaded at the tile's full shape (repeats hit L1): a [1, N] load would get a
-    # layout of its own and cost a layout conversion of the tile (measured for the first operator).
-    zero = (rows * 0)[:, None]
-    zp = _rnd((xp * r) * _load_w(W_PTR, j + zero, mp, GEMMA), X_PTR, NATIVE)
+    if not EARLY_LOADS:
+        wp, w1, w2, c, s = _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero, ROT, GEMMA)
+    zp = _rnd((xp * r) * wp, X_PTR, NATIVE)
     if ROT > 0:
-        u1 = _rnd((x1 * r) * _load_w(W_PTR, i1 + zero, m1, GEMMA), X_PTR, NATIVE)
-        u2 = _rnd((x2 * r) * _load_w(W_PTR, i2 + zero, m1, GEMMA), X_PTR, NATIVE)
-        p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
-        p_ok = (p >= 0) & (p < max_pos)
-        row = tl.where(p_ok, p, 0)[:, None] * cos_sin_stride
-        cmask = m1 & p_ok[:, None]
-        c = tl.load(COS_SIN_PTR + row + half, mask=cmask, other=1.0).to(tl.float32)
-        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half, mask=cmask, other=0.0).to(tl.float32)
-        z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
-        z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
+        u1 = _rnd((x1 * r) * w1, X_PTR, NATIVE)
+        u2 = _rnd((x2 * r) * w2, X_PTR, NATIVE)
+        if FMA:
+            # The first product fused, written out: left to the compiler, which of the two it
+            # fused changed with the order of unrelated loads and with the launch configuration
+            # (1-ulp changes in a few elements).
+            z1 = _rnd(tl.fma(u1, c, (u2 * s) * -1.0), X_PTR, NATIVE)
+            z2 = _rnd(tl.fma(u2, c, u1 * s), X_PTR, NATIVE)
+        else:
+            z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
+            z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
     else:
         z1 = tl.zeros((rows.shape[0], HALF_P), tl.float32)
         z2 = z1
@@ -142,19 +182,20 @@ def _q_program(
     OUT_PTR, out_stride_t, out_stride_h, SCALE_PTR,
     H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
     ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
-    FNUZ: tl.constexpr, NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr,
+    FNUZ: tl.constexpr, NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr, EARLY_LOADS: tl.constexpr,
 ):  # fmt: skip
     """One block of ROWS q rows: norm, RoPE, store (FP8 with the scale read from SCALE_PTR)."""
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < T * H
     t, h = rows // H, rows % H
-    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-        X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
-        COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
-    )  # fmt: skip
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT)
     scale = 1.0
     if FP8:
         scale = tl.load(SCALE_PTR + tl.zeros((1, 1), tl.int32))
+    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+        X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
+    )  # fmt: skip
     base = t.to(tl.int64)[:, None] * out_stride_t + h.to(tl.int64)[:, None] * out_stride_h
     _store_rows(OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale, ROT, FP8, FMAX, FNUZ, NATIVE, NATIVE_FP8, FMA)
 
@@ -169,37 +210,48 @@ def _k_program(
     DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_SCALE_HEADS: tl.constexpr,
     V_SCALE_HEADS: tl.constexpr, ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
     C_FP8: tl.constexpr, C_FMAX: tl.constexpr, C_FNUZ: tl.constexpr,
-    NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr,
+    NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr, EARLY_LOADS: tl.constexpr,
 ):  # fmt: skip
-    """One block of ROWS k rows: norm, RoPE, k_out, and the cache write of k and the matching v rows."""
+    """One block of ROWS k rows: norm, RoPE, k_out, and the cache write of k and the matching v rows.
+
+    Loads that need no earlier result (position, slot, FP8 scales; with EARLY_LOADS the v rows
+    too) are issued before the norm's: each one left behind the reduction would be a dependent
+    round trip of its own.
+    """
     rows = kp * ROWS + tl.arange(0, ROWS)
     rmask = rows < T * H
     t, h = rows // H, rows % H
-    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-        K_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps,
-        COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos, D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE,
-    )  # fmt: skip
     h64 = h.to(tl.int64)[:, None]
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT)
+    if K_CACHE_PTR is not None:
+        slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
+        ks, vs = 1.0, 1.0
+        if C_FP8:
+            ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
+            vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
+        dv = tl.arange(0, DV_P)[None, :]
+        if EARLY_LOADS:  # every row in range is read (in bounds whatever the slot)
+            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv,
+                        mask=rmask[:, None] & (dv < DV))  # fmt: skip
+    z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
+        K_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
+    )  # fmt: skip
     if K_OUT_PTR is not None:
         base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
         _store_rows(K_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, 1.0,
                     ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
     if K_CACHE_PTR is not None:
-        slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
         ok = rmask & (slot >= 0) & (slot < num_slots)
         slot = tl.where(ok, slot, 0)
         blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        ks, vs = 1.0, 1.0
-        if C_FP8:
-            ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
-            vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
         ok2 = ok[:, None]
         cbase = (blk * kc_stride_b + off * kc_stride_s)[:, None] + h64 * kc_stride_h
         _store_rows(K_CACHE_PTR, cbase, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
                     ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
-        dv = tl.arange(0, DV_P)[None, :]
         vmask = ok2 & (dv < DV)
-        x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
+        if not EARLY_LOADS:
+            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
         vbase = (blk * vc_stride_b + off * vc_stride_s)[:, None] + h64 * vc_stride_h
         if C_FP8:
             tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
@@ -227,6 +279,7 @@ def _qk_norm_rope_kernel(
     DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,  # v head size, padded; cache block size
     K_SCALE_HEADS: tl.constexpr, V_SCALE_HEADS: tl.constexpr,  # 1 (per tensor) or HK (per head)
     ROWS_Q: tl.constexpr, ROWS_K: tl.constexpr,  # rows per program
+    EARLY_LOADS: tl.constexpr,  # every load before the norm's reduction (decode) or after it where it can wait
     IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
     Q_FP8: tl.constexpr, Q_FMAX: tl.constexpr, Q_FNUZ: tl.constexpr,  # FP8 q
     C_FP8: tl.constexpr, C_FMAX: tl.constexpr, C_FNUZ: tl.constexpr,  # FP8 cache
@@ -249,6 +302,7 @@ def _qk_norm_rope_kernel(
             pid, T, q_eps, Q_PTR, q_stride_t, q_stride_h, Q_W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
             Q_OUT_PTR, q_out_stride_t, q_out_stride_h, Q_SCALE_PTR,
             HQ, D, ROT, HALF_P, PASS_P, ROWS_Q, IS_NEOX, GEMMA, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA,
+            EARLY_LOADS,
         )  # fmt: skip
     else:
         _k_program(
@@ -257,5 +311,5 @@ def _qk_norm_rope_kernel(
             K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h, V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,
             SLOT_PTR, num_slots, K_SCALE_PTR, V_SCALE_PTR,
             HK, D, ROT, HALF_P, PASS_P, DV, DV_P, BLOCK_SIZE, K_SCALE_HEADS, V_SCALE_HEADS, ROWS_K, IS_NEOX, GEMMA,
-            C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA,
+            C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA, EARLY_LOADS,
         )  # fmt: skip

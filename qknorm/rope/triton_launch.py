@@ -4,10 +4,13 @@
 Heuristics
 ----------
 A program owns a block of (token, head) rows of q, or of k (with their v rows and cache
-writes). The block holds about ``_TILE_DECODE`` elements when ``T <= _DECODE_MAX_T`` (more
-programs, each a single memory round trip: the decode regime is latency bound) and about
-``_TILE_PREFILL`` elements above (fewer, fuller programs: bandwidth bound), with warps chosen
-so that each thread holds ``_EPT_DECODE`` / ``_EPT_PREFILL`` elements of a tile.
+writes). Three token-count buckets (``_BUCKETS``) fix the elements a block holds, the elements
+each thread holds (which gives the warps) and the load order. Decode sizes are latency bound:
+small blocks (more programs, each a short chain) with every load issued before the norm's
+reduction, so that a program waits for two dependent memory round trips (position, then
+cos/sin) instead of three (x, then position, then cos/sin; a k program's v rows were a fourth). Prefill sizes are bandwidth bound: fuller blocks with many elements
+per thread, and the weights, cos/sin and v rows loaded after the reduction, which keeps fewer
+registers live across it and more programs resident per SM.
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ __all__ = ["RopeTritonBackend", "launch_config"]
 
 logger = logging.getLogger(__name__)
 
-# Measured on an NVIDIA H200 (docs/benchmarks.md, 2026-11-30), Qwen3-8B shapes, bf16 cache,
-# CUDA-graph replay, µs per call (tile = elements per program, ept = elements per thread):
-#   T=1      tile 1024: ept 4 1.65, ept 8 1.76, ept 16 2.20;  tile 512 ept 4 1.62;  tile 2048 ept 8 1.62
-#   T=256    tile 1024: ept 4 4.83, ept 8 4.26, ept 16 4.61;  tile 512 ept 8 4.34;  tile 2048 ept 8 4.28
-#   T=65536  tile 4096: ept 8 455.9, ept 16 436.8, ept 32 416.9;  tile 2048 ept 32 415.2;  tile 8192 ept 32 490.2
-#            (a device copy of the same bytes: 377.7)
-# The decode choice (1024, 8) is best at T=256 and within 0.15 µs of the best at T=1; at prefill
-# sizes more elements per thread keep more loads in flight per SM (ept 32: 90.6% of copy bandwidth).
-_DECODE_MAX_T = 256
-_TILE_DECODE = 1024  # elements per program, T <= _DECODE_MAX_T
-_TILE_PREFILL = 4096  # elements per program above
-_EPT_DECODE = 8  # elements per thread, T <= _DECODE_MAX_T
-_EPT_PREFILL = 32  # elements per thread above
+# Measured on an NVIDIA H200 (docs/benchmarks.md, qk_norm_rope section: the sweep at commit
+# 1f402e1; T=65536 from the A/B run there), Qwen3-8B shapes, CUDA-graph replay, µs per call, bf16 /
+# FP8 cache (tile = elements per program, ept = elements per thread; early / late = loads before /
+# after the norm's reduction; decode-sized inputs in L2):
+#   T=1     tile 512 ept 4: early 1.43 / 1.53, late 1.59 / 1.65;  tile 1024 ept 8: early 1.90 / 1.62, late 1.87 / 2.12
+#   T=64    tile 512 ept 4: early 1.82 / 1.90, late 1.94 / 2.03;  tile 1024 ept 8: early 2.17 / 1.94, late 2.19 / 2.40
+#   T=256   tile 1024 ept 8: early 2.94 / 2.88, late 2.94 / 3.18;  tile 512 ept 4: early 3.39 / 3.63
+#   T=16384 tile 2048 ept 32: late 106.8 / 104.3, early 109.6 / 115.4;  tile 4096 ept 32: late 107.9 / 105.1
+#   T=65536 tile 2048 ept 32: late 414.5, early 424.4;  tile 4096 ept 32: late 417.3 / 402.5, early 426.4 / 456.7
+# Early loads cost registers (72 against 62-64 per thread at T=16384: 7 programs per SM instead of
+# 8, 3.64 against 3.72-3.77 TB/s in Nsight Compute), so prefill loads late. At T=256 the order
+# does not move bf16 and early loads save FP8 0.3 µs.
+# Buckets: (largest T or None, elements per program, elements per thread, early loads).
+_BUCKETS: tuple[tuple[int | None, int, int, bool], ...] = (
+    (64, 512, 4, True),
+    (256, 1024, 8, True),
+    (None, 2048, 32, False),
+)
 _MAX_WARPS = 16
 
 
@@ -53,18 +61,22 @@ class LaunchConfig:
     rows_q: int
     rows_k: int
     num_warps: int
+    early_loads: bool
+
+
+def _bucket(t: int) -> tuple[int | None, int, int, bool]:
+    return next(b for b in _BUCKETS if b[0] is None or t <= b[0])
 
 
 def launch_config(plan: RopePlan, t: int) -> LaunchConfig:
-    """Rows per program and warps for ``t`` tokens (a shape-only rule, no autotuning)."""
+    """Rows per program, warps and load order for ``t`` tokens (a shape-only rule, no autotuning)."""
     width = _padded_width(plan)
-    decode = t <= _DECODE_MAX_T
-    tile, ept = (_TILE_DECODE, _EPT_DECODE) if decode else (_TILE_PREFILL, _EPT_PREFILL)
+    _, tile, ept, early = _bucket(t)
     rows = 1 << (max(1, tile // width).bit_length() - 1)  # a power of two (tl.arange)
     rows_q = min(rows, _next_pow2(t * plan.hq))
     rows_k = min(rows, _next_pow2(t * plan.hk))
     warps = max(1, min(_MAX_WARPS, rows_q * width // (32 * ept)))
-    return LaunchConfig(rows_q, rows_k, _next_pow2(warps))
+    return LaunchConfig(rows_q, rows_k, _next_pow2(warps), early)
 
 
 def _padded_width(plan: RopePlan) -> int:
@@ -114,7 +126,9 @@ class RopeTritonBackend:
 
     def warmup_sizes(self, max_t: int) -> list[int]:
         """One token count per launch-configuration bucket up to ``max_t``."""
-        return sorted({1, min(_DECODE_MAX_T, max_t), max_t})
+        if max_t < 1:
+            return []
+        return sorted({1, max_t, *(min(b[0], max_t) for b in _BUCKETS if b[0] is not None)})
 
     def _load(self) -> None:
         import triton
@@ -193,7 +207,8 @@ class RopeTritonBackend:
             K_SCALE_PTR=req.k_scale, V_SCALE_PTR=req.v_scale, Q_SCALE_PTR=req.q_scale,
             T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, q_programs=q_programs,
         )  # fmt: skip
-        return q_programs + k_programs, cfg, args, {**constexprs, "ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k}
+        meta = {"ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k, "EARLY_LOADS": cfg.early_loads}
+        return q_programs + k_programs, cfg, args, {**constexprs, **meta}
 
     def _launch(self, req: RopeRequest) -> None:
         grid, cfg, args, constexprs = self.launch_args(req)
