@@ -1,10 +1,11 @@
 """Triton kernel of ``qk_norm_rope`` (SPEC_ROPE_CACHE §3): ``@triton.jit`` code only.
 
-One launch does everything: programs ``[0, q_programs)`` own blocks of ``ROWS_Q`` q rows, the
-rest own blocks of ``ROWS_K`` k rows, where a row is one (token, head) pair (row ``r`` is token
+One launch does everything: programs ``[0, k_programs)`` own blocks of ``ROWS_K`` k rows, the
+rest own blocks of ``ROWS_Q`` q rows, where a row is one (token, head) pair (row ``r`` is token
 ``r // H``, head ``r % H``), so any head count and any token and head strides are served by the
 same code. A k program also copies (or quantizes) the matching v rows and writes k and v into
-the paged cache. The launcher (``triton_launch.py``) chooses every compile-time knob.
+the paged cache: it has the longest chain of work, so k programs take the lowest program ids
+and are scheduled first. The launcher (``triton_launch.py``) chooses every compile-time knob.
 
 A head's D channels are held as three tiles of register columns: the first element of each
 rotation pair (``[HALF_P]``, channel ``i`` for neox, ``2i`` for GPT-J), the second one
@@ -259,7 +260,7 @@ def _k_program(
             tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
 
 
-@triton.jit(do_not_specialize=["T", "q_programs", "max_pos", "num_slots"])
+@triton.jit(do_not_specialize=["T", "k_programs", "max_pos", "num_slots"])
 def _qk_norm_rope_kernel(
     Q_PTR, q_stride_t, q_stride_h,  # q [T, HQ, D] fp16/bf16, unit channel stride
     K_PTR, k_stride_t, k_stride_h,  # k [T, HK, D]
@@ -273,7 +274,7 @@ def _qk_norm_rope_kernel(
     SLOT_PTR, num_slots,  # slot_mapping [T]; blocks * BLOCK_SIZE
     K_SCALE_PTR, V_SCALE_PTR, Q_SCALE_PTR,  # fp32 FP8 scales ([1] or [HK]; q: [1]) or None
     T, q_eps, k_eps,  # tokens; fp32 epsilons
-    q_programs,  # programs owning q row blocks (the rest own k row blocks)
+    k_programs,  # programs owning k row blocks (the rest own q row blocks)
     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,  # heads, head size, rotary dim (0: none)
     HALF_P: tl.constexpr, PASS_P: tl.constexpr,  # next_pow2(ROT / 2) (>= 1), next_pow2(D - ROT) (>= 1)
     DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,  # v head size, padded; cache block size
@@ -297,19 +298,19 @@ def _qk_norm_rope_kernel(
     pid = tl.program_id(0)
     # The two roles live in helpers of their own: a runtime branch may not bind the same
     # name to tiles of different shapes (ROWS_Q and ROWS_K rows) in its two arms.
-    if pid < q_programs:
-        _q_program(
-            pid, T, q_eps, Q_PTR, q_stride_t, q_stride_h, Q_W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
-            Q_OUT_PTR, q_out_stride_t, q_out_stride_h, Q_SCALE_PTR,
-            HQ, D, ROT, HALF_P, PASS_P, ROWS_Q, IS_NEOX, GEMMA, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA,
-            EARLY_LOADS,
-        )  # fmt: skip
-    else:
+    if pid < k_programs:
         _k_program(
-            pid - q_programs, T, k_eps, K_PTR, k_stride_t, k_stride_h, K_W_PTR, COS_SIN_PTR, cos_sin_stride,
+            pid, T, k_eps, K_PTR, k_stride_t, k_stride_h, K_W_PTR, COS_SIN_PTR, cos_sin_stride,
             POS_PTR, max_pos, K_OUT_PTR, k_out_stride_t, k_out_stride_h, V_PTR, v_stride_t, v_stride_h,
             K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h, V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,
             SLOT_PTR, num_slots, K_SCALE_PTR, V_SCALE_PTR,
             HK, D, ROT, HALF_P, PASS_P, DV, DV_P, BLOCK_SIZE, K_SCALE_HEADS, V_SCALE_HEADS, ROWS_K, IS_NEOX, GEMMA,
             C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA, EARLY_LOADS,
+        )  # fmt: skip
+    else:
+        _q_program(
+            pid - k_programs, T, q_eps, Q_PTR, q_stride_t, q_stride_h, Q_W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
+            Q_OUT_PTR, q_out_stride_t, q_out_stride_h, Q_SCALE_PTR,
+            HQ, D, ROT, HALF_P, PASS_P, ROWS_Q, IS_NEOX, GEMMA, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA,
+            EARLY_LOADS,
         )  # fmt: skip

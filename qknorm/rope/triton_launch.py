@@ -40,6 +40,12 @@ logger = logging.getLogger(__name__)
 #   T=256   tile 1024 ept 8: early 2.94 / 2.88, late 2.94 / 3.18;  tile 512 ept 4: early 3.39 / 3.63
 #   T=16384 tile 2048 ept 32: late 106.8 / 104.3, early 109.6 / 115.4;  tile 4096 ept 32: late 107.9 / 105.1
 #   T=65536 tile 2048 ept 32: late 414.5, early 424.4;  tile 4096 ept 32: late 417.3 / 402.5, early 426.4 / 456.7
+# k programs (norm, RoPE, v rows, two cache writes) take the lowest program ids, so they start in
+# the first wave; q programs (the same chain without v and one store) fill in after them. Against q
+# programs first, same run (commit 5f061fe, bf16 / FP8 cache): T=1 1.50 / 1.54 against 1.42-1.44 /
+# 1.52; T=256 2.90-2.92 / 2.93-2.96 against 2.94-2.97 / 2.89-2.93; T=1024 9.57 / 9.50-9.53 against
+# 10.18-10.20 / 10.96-10.97; T=16384 105.9 / 102.0 against 106.9 / 103.5; T=65536 412.9 / 396.6
+# against 413.2 / 396.8.
 # Early loads cost registers (72 against 62-64 per thread at T=16384: 7 programs per SM instead of
 # 8, 3.64 against 3.72-3.77 TB/s in Nsight Compute), so prefill loads late. At T=256 the order
 # does not move bf16 and early loads save FP8 0.3 µs.
@@ -205,7 +211,7 @@ class RopeTritonBackend:
             V_CACHE_PTR=vc, vc_stride_b=_stride(vc, 0), vc_stride_s=_stride(vc, 1), vc_stride_h=_stride(vc, 2),
             SLOT_PTR=req.slot_mapping, num_slots=plan.num_slots,
             K_SCALE_PTR=req.k_scale, V_SCALE_PTR=req.v_scale, Q_SCALE_PTR=req.q_scale,
-            T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, q_programs=q_programs,
+            T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, k_programs=k_programs,
         )  # fmt: skip
         meta = {"ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k, "EARLY_LOADS": cfg.early_loads}
         return q_programs + k_programs, cfg, args, {**constexprs, **meta}
@@ -233,7 +239,7 @@ class RopeTritonBackend:
 
 # Integer arguments Triton does not specialize on (the kernel's do_not_specialize list): a
 # compiled kernel serves every value of these, and only these.
-_UNSPECIALIZED = frozenset({"T", "q_programs", "max_pos", "num_slots"})
+_UNSPECIALIZED = frozenset({"T", "k_programs", "max_pos", "num_slots"})
 
 
 def _direct_launcher(ck: Any) -> Callable[[int, int, list[Any]], None]:
