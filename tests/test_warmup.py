@@ -28,6 +28,10 @@ class _RecordingRope:
     def supports(self, req: Any) -> str | None:
         return None
 
+    def warmup_sizes(self, max_t: int) -> list[int]:
+        """Its buckets: 1-3, 4-15, 16 up (a size past max_t is clipped to it)."""
+        return [3, 15, max_t + 5]
+
     def run(self, req: Any) -> None:
         self.tokens.append(req.plan.t)
         qk_norm_rope_reference(req)
@@ -42,9 +46,18 @@ def test_warmup_by_operator_name_warms_qk_norm_rope() -> None:
                                     cache_dtype=torch.bfloat16, block_size=4)  # fmt: skip
     finally:
         registry.register_backend("recording", previous, op=OP)
-    # Powers of two up to max_tokens, and max_tokens itself: every launch bucket below it.
-    assert records == [qknorm.WarmupRecord(None, "recording", (1, 2, 4, 8, 16, 20))]
-    assert backend.tokens == [1, 2, 4, 8, 16, 20]
+    # The selecting call at T = 1, then the sizes the selected backend asks for, clipped to max_tokens.
+    assert records == [qknorm.WarmupRecord(None, "recording", (1, 3, 15, 20))]
+    assert backend.tokens == [1, 3, 15, 20]
+
+
+def test_triton_warmup_sizes_reach_every_rows_per_program() -> None:
+    """Rows per program are min(block, next_pow2(T * heads)): every power of two up to max_tokens, and max_tokens."""
+    from qknorm.rope.triton_launch import RopeTritonBackend
+
+    sizes = RopeTritonBackend().warmup_sizes(300)
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert RopeTritonBackend().warmup_sizes(0) == []
 
 
 def test_warmup_by_operator_name_warms_fused_qk_rmsnorm_as_before() -> None:

@@ -131,10 +131,17 @@ class RopeTritonBackend:
         return device_unsupported(req.plan.device.type, self._interpret)
 
     def warmup_sizes(self, max_t: int) -> list[int]:
-        """One token count per launch-configuration bucket up to ``max_t``."""
-        if max_t < 1:
-            return []
-        return sorted({1, max_t, *(min(b[0], max_t) for b in _BUCKETS if b[0] is not None)})
+        """Token counts up to ``max_t`` that reach every compiled variant: the powers of two and ``max_t``.
+
+        Rows per program are ``min(block, next_pow2(t * heads))`` (:func:`launch_config`), so within
+        a bucket each power of two can compile its own variant; the bucket bounds are powers of two.
+        """
+        sizes = {max_t} if max_t >= 1 else set()
+        t = 1
+        while t <= max_t:
+            sizes.add(t)
+            t *= 2
+        return sorted(sizes)
 
     def _load(self) -> None:
         import triton

@@ -12,27 +12,16 @@ import logging
 
 import torch
 
+from ..backends.base import Backend
 from ..backends.registry import select
 from ..warmup import WarmupRecord
 from .api import qk_norm_rope
 from .ops import PIPELINE, call_args
 from .request import RopePlan
-from .triton_launch import launch_config
 
 __all__ = ["warmup_qk_norm_rope"]
 
 logger = logging.getLogger(__name__)
-
-
-def _sizes(max_tokens: int) -> list[int]:
-    """Token counts that reach every launch configuration: powers of two, and each side of the decode bound."""
-    sizes = {max_tokens}
-    t = 1
-    while t <= max_tokens:
-        sizes.add(t)
-        t *= 2
-    sizes.update(s for s in (256, 257) if s <= max_tokens)
-    return sorted(sizes)
 
 
 def warmup_qk_norm_rope(
@@ -91,9 +80,8 @@ def warmup_qk_norm_rope(
     if cache_dtype is not None:
         cache = [torch.zeros((nb, block_size, hk, d), device=dev).to(cache_dtype) for _ in range(2)]
     scales = torch.ones(hk if scale_per_head else 1, device=dev)
-    sizes = _sizes(max_tokens)
-    backend = "none"
-    for t in sizes:
+
+    def warm(t: int) -> Backend:
         q, k, v = (x.view(t, -1, d) for x in qkv[:t].split((hq * d, hk * d, hk * d), dim=-1))
         if not packed:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -110,9 +98,17 @@ def warmup_qk_norm_rope(
         out = qk_norm_rope(q, k, w, w, table, pos, **kwargs)  # type: ignore[arg-type]
         args = call_args(q, k, w, w, table, pos, **{**kwargs, "q_out": out.q, "k_out": out.k})  # type: ignore[arg-type]
         plan: RopePlan = PIPELINE.plan(args)  # type: ignore[assignment]
-        backend = select(plan.bind(args)).name
-        logger.debug("qknorm: warmed qk_norm_rope T=%d (%s)", t, launch_config(plan, t))
+        logger.debug("qknorm: warmed qk_norm_rope T=%d", t)
+        return select(plan.bind(args))
+
+    # The first call selects the backend; it knows which token counts reach each compiled variant.
+    backend = warm(1)
+    sizes_fn = getattr(backend, "warmup_sizes", None)
+    wanted = sizes_fn(max_tokens) if callable(sizes_fn) else (max_tokens,)
+    sizes = sorted({1, *(min(max(int(t), 1), max_tokens) for t in wanted)})
+    for t in sizes[1:]:
+        warm(t)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    logger.info("qknorm: warmed qk_norm_rope on backend %s for T in %s", backend, sizes)
-    return WarmupRecord(None, backend, tuple(sizes))
+    logger.info("qknorm: warmed qk_norm_rope on backend %s for T in %s", backend.name, sizes)
+    return WarmupRecord(None, backend.name, tuple(sizes))
