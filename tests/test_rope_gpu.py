@@ -73,12 +73,18 @@ def test_deterministic_across_calls() -> None:
         assert_bits_equal(a, b, "repeat")
 
 
-def test_repeated_calls_take_the_direct_launch_and_stay_right() -> None:
-    """After the first call compiles, later calls launch the compiled kernel directly: new data in
-    the same buffers, new buffers, and an unaligned view (Triton's own path) must all be right."""
+def test_repeated_calls_take_the_direct_launch_and_stay_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first call compiles, later calls of its plan launch the compiled kernel directly:
+    new data in the same buffers and new buffers must be right; an unaligned view (Triton's own
+    path) and new strides (a plan of their own, equal in every other field) must not take it."""
     case = _model("qwen3-8b", 37, cache=E4M3, q_fp8=E4M3)
     call = make_call(case)
-    for i in range(4):
+    backend = registry.select(reference_request(call))
+    backend._planned.clear()
+    regular: list[int] = []
+    launch = backend._launch
+    monkeypatch.setattr(backend, "_launch", lambda req: (regular.append(1), launch(req))[1])
+    for i in range(5):
         if i == 1:
             call["q"].copy_(torch.randn_like(call["q"], dtype=torch.float32))
         elif i == 2:
@@ -86,6 +92,9 @@ def test_repeated_calls_take_the_direct_launch_and_stay_right() -> None:
         elif i == 3:  # q starting 2 bytes into its buffer: not 16-byte aligned
             buf = torch.empty(case.t * case.hq * case.d + 1, dtype=BF16, device="cuda")
             call["q"] = buf[1:].view(case.t, case.hq, case.d).copy_(call["q"])
+        elif i == 4:  # q contiguous instead of a view of the packed qkv: other strides
+            call = make_call(replace(case, seed=6))
+            call["q"] = call["q"].contiguous()
         exp = reference_request(call)
         qk_norm_rope_reference(exp)
         out = qknorm.qk_norm_rope(**call)
@@ -94,6 +103,7 @@ def test_repeated_calls_take_the_direct_launch_and_stay_right() -> None:
         assert_rope_fp8_close(call["k_cache"][blk, off], exp.k_cache[blk, off], f"k_cache (call {i})",  # type: ignore[index]
                               fp8_slack(exp, "k", exp.k_scale)[tok])  # type: ignore[arg-type]  # fmt: skip
         assert_bits_equal(call["v_cache"][blk, off], exp.v_cache[blk, off], f"v_cache (call {i})")  # type: ignore[index]
+    assert len(regular) == 3, f"calls through the regular launch path: {len(regular)} (expected calls 0, 3 and 4)"
 
 
 def _graph_call(t: int) -> tuple[dict[str, Any], RopeCase]:

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from ..backends.base import BackendUnavailable
-from ..backends.triton_launch import availability, device_unsupported, is_build_failure
+from ..backends.triton_launch import (
+    availability,
+    bind_direct,
+    device_unsupported,
+    direct_launch_supported,
+    is_build_failure,
+)
 from ..quant import fp8_max
 from .checks import RopePlan, RopeRequest
 
@@ -114,7 +120,8 @@ class RopeTritonBackend:
         self._interpret = False
         self._constexprs: dict[tuple[object, ...], dict[str, Any]] = {}
         self._direct: dict[tuple[object, ...], Callable[[int, int, list[Any]], None]] = {}
-        self._fast_ok = False  # direct launches (see _direct_launcher): compiled Triton 3.6 on CUDA
+        self._planned: dict[int, _Planned] = {}  # direct launches ready per call plan (by id, see _remember)
+        self._fast_ok = False  # direct launches (triton_launch.bind_direct): compiled Triton 3.6 on CUDA
         self._params: list[str] = []
         self._stream: Any = None
         self._hooks: Any = None
@@ -155,10 +162,7 @@ class RopeTritonBackend:
             self._params = list(self._kernel.arg_names)
             self._stream = triton.runtime.driver.active.get_current_stream
             self._hooks = triton.knobs.runtime
-            self._fast_ok = triton.__version__.startswith("3.6.") and torch.version.hip is None
-            if not self._fast_ok:
-                logger.warning("qknorm: direct Triton launches are off for triton %s (written for 3.6 on CUDA); "
-                               "each qk_norm_rope call pays Triton's full launch path", triton.__version__)  # fmt: skip
+            self._fast_ok = direct_launch_supported(triton.__version__, torch.version.hip is not None)
 
     def _compile_args(self, plan: RopePlan) -> dict[str, Any]:
         """The compile-time arguments that depend on the plan's key alone."""
@@ -179,6 +183,9 @@ class RopeTritonBackend:
         )  # fmt: skip
 
     def run(self, req: RopeRequest) -> None:
+        planned = self._planned.get(id(req.plan))
+        if planned is not None and planned.plan is req.plan and self._launch_planned(req, planned):
+            return
         plan = req.plan
         if plan.t == 0:
             return
@@ -232,7 +239,9 @@ class RopeTritonBackend:
             direct = self._direct.get(fast_key)
             if direct is not None:
                 merged = {**args, **constexprs}
-                direct(grid, self._stream(req.plan.device.index), [merged[n] for n in self._params])
+                values = [_pointer(merged[n]) for n in self._params]
+                direct(grid, self._stream(req.plan.device.index), values)
+                self._remember(req, direct, grid, values)
                 return
         try:
             ck = self._kernel[(grid,)](**args, **constexprs, num_warps=cfg.num_warps)
@@ -241,32 +250,70 @@ class RopeTritonBackend:
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
             raise
         if aligned and ck is not None:
-            self._direct[fast_key] = _direct_launcher(ck)
+            # Every parameter goes in ``values`` (the constexprs last, as the kernel lists them).
+            direct = bind_direct(ck, [])
+            if direct is not None:
+                self._direct[fast_key] = direct
+
+    def _remember(self, req: RopeRequest, direct: Callable[[int, int, list[Any]], None], grid: int,
+                  values: list[Any]) -> None:  # fmt: skip
+        """Keep ``req``'s direct launch for later calls of its plan: they only read their pointers.
+
+        A plan is made once per call signature (shapes, strides, dtypes, scalars), so it fixes the
+        grid and every non-pointer argument. Plans are compared by identity (equal plans of
+        different strides exist); the entry holds its plan, so the id cannot be reused meanwhile.
+        """
+        slots = tuple((self._params.index(n), a) for n, a in _TENSORS.items() if getattr(req, a) is not None)
+        if len(self._planned) >= _MAX_PLANNED:
+            self._planned.clear()
+        self._planned[id(req.plan)] = _Planned(req.plan, direct, grid, values, slots)
+
+    def _launch_planned(self, req: RopeRequest, planned: _Planned) -> bool:
+        """Launch ``req`` as its plan's first direct launch did, with this call's pointers; False if it cannot."""
+        values = planned.values.copy()
+        bits = 0
+        for i, attr in planned.slots:
+            p = values[i] = getattr(req, attr).data_ptr()
+            bits |= p
+        dev = req.plan.device.index
+        if (
+            bits & 15
+            or self._hooks.launch_enter_hook.calls
+            or self._hooks.launch_exit_hook.calls
+            or (dev is not None and dev != torch.cuda.current_device())
+        ):
+            return False  # the regular path decides (alignment it was not compiled for, a profiler, another device)
+        planned.direct(planned.grid, self._stream(dev), values)
+        return True
+
+
+# Kernel parameters holding tensors -> the request attribute that supplies them.
+_TENSORS = {
+    "Q_PTR": "q", "K_PTR": "k", "Q_W_PTR": "q_weight", "K_W_PTR": "k_weight", "COS_SIN_PTR": "cos_sin_cache",
+    "POS_PTR": "positions", "Q_OUT_PTR": "q_out", "K_OUT_PTR": "k_out", "V_PTR": "v", "K_CACHE_PTR": "k_cache",
+    "V_CACHE_PTR": "v_cache", "SLOT_PTR": "slot_mapping", "K_SCALE_PTR": "k_scale", "V_SCALE_PTR": "v_scale",
+    "Q_SCALE_PTR": "q_scale",
+}  # fmt: skip
+# Call plans whose direct launch is kept (a serving process sees a few per layer shape and batch
+# size); past this many the memo starts over.
+_MAX_PLANNED = 1024
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A direct launch of one call plan: every argument but the pointers, and where those go."""
+
+    plan: RopePlan
+    direct: Callable[[int, int, list[Any]], None]
+    grid: int
+    values: list[Any]  # every kernel parameter in order (pointers as the first call's integers)
+    slots: tuple[tuple[int, str], ...]  # (position in values, request attribute) per present tensor
+
+
+def _pointer(v: Any) -> Any:
+    return v.data_ptr() if isinstance(v, torch.Tensor) else v
 
 
 # Integer arguments Triton does not specialize on (the kernel's do_not_specialize list): a
 # compiled kernel serves every value of these, and only these.
 _UNSPECIALIZED = frozenset({"T", "k_programs", "max_pos", "num_slots"})
-
-
-def _direct_launcher(ck: Any) -> Callable[[int, int, list[Any]], None]:
-    """Launch compiled kernel ``ck`` directly: what Triton's ``kernel[grid](...)`` ends in, without
-    re-binding and re-specializing ~60 arguments on every call.
-
-    Valid only for calls that Triton would specialize exactly as the call that compiled ``ck``:
-    the caller keys it by the plan (dtypes, shapes, which tensors are present, compile-time
-    arguments), the launch configuration and every specialized integer argument (the strides,
-    whose values decide their 1 / multiple-of-16 specialization), and uses it only for 16-byte
-    aligned pointers (the first call's were) and no registered launch hooks (profilers).
-    Measured on the NVIDIA H200 host (Qwen3-8B shapes, T = 1, eager wall time per public call):
-    128 µs through ``kernel[grid](...)`` on every call, 58 µs with this direct launch.
-    """
-    run, function, meta = ck.run, ck.function, ck.packed_metadata
-
-    def launch(grid: int, stream: int, values: list[Any]) -> None:
-        run(grid, 1, 1, stream, function, meta, None, None, None, *values)
-
-    return launch
-
-
-
