@@ -5,7 +5,9 @@ rest own blocks of ``ROWS_Q`` q rows, where a row is one (token, head) pair (row
 ``r // H``, head ``r % H``), so any head count and any token and head strides are served by the
 same code. A k program also copies (or quantizes) the matching v rows and writes k and v into
 the paged cache: it has the longest chain of work, so k programs take the lowest program ids
-and are scheduled first. The launcher (``triton_launch.py``) chooses every compile-time knob.
+and are scheduled first. Where the rows per program divide the head count (``ONE_Q`` / ``ONE_K``,
+the usual case) a block is heads of one token, so its position, table row and slot are scalars
+loaded once per thread. The launcher (``triton_launch.py``) chooses every compile-time knob.
 
 A head's D channels are held as three tiles of register columns: the first element of each
 rotation pair (``[HALF_P]``, channel ``i`` for neox, ``2i`` for GPT-J), the second one
@@ -60,32 +62,42 @@ def _load_w(W_PTR, idx, mask, GEMMA: tl.constexpr):
 
 
 @triton.jit
-def _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT: tl.constexpr):
-    """Offsets ``[R, 1]`` (int64) of each row's table row and whether its position is valid.
+def _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT: tl.constexpr, ONE: tl.constexpr):
+    """Offsets ``[R, 1]`` (int64) of each row's table row and whether its position is valid
+    (scalars when the block is one token's, ``ONE``).
 
     Issued first in every program: the cos/sin loads wait for it (two dependent round trips).
     """
     if ROT > 0:
-        p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
-        p_ok = (p >= 0) & (p < max_pos)
-        return tl.where(p_ok, p, 0)[:, None] * cos_sin_stride, p_ok[:, None]
+        if ONE:
+            p = tl.load(POS_PTR + t).to(tl.int64)
+            p_ok = (p >= 0) & (p < max_pos)
+            return tl.where(p_ok, p, 0) * cos_sin_stride, p_ok
+        else:
+            p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
+            p_ok = (p >= 0) & (p < max_pos)
+            return tl.where(p_ok, p, 0)[:, None] * cos_sin_stride, p_ok[:, None]
     else:
-        return (t * 0).to(tl.int64)[:, None], rmask[:, None] & False
+        return (rmask * 0).to(tl.int64)[:, None], rmask[:, None] & False
 
 
 @triton.jit
 def _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero,
                        ROT: tl.constexpr, GEMMA: tl.constexpr):  # fmt: skip
-    """``(wp, w1, w2, c, s)``: the weights at the three channel tiles and each row's cos/sin."""
-    # Weights are loaded at the tile's full shape (repeats hit L1): a [1, N] load would get a
-    # layout of its own and cost a layout conversion of the tile (measured for the first operator).
+    """``(wp, w1, w2, c, s)``: the weights at the three channel tiles and each row's cos/sin.
+
+    ``row`` / ``p_ok`` are ``[R, 1]``, or scalars when the block is one token's.
+    """
+    # Loaded at the tile's full shape (``+ zero``; repeats hit L1): a [1, N] load would get a
+    # layout of its own, and where a thread holds several rows of the tile the broadcast then
+    # costs a shared-memory layout conversion (sm_90 SASS of 16 rows over 2 warps: 22 barriers).
     wp = _load_w(W_PTR, j + zero, mp, GEMMA)
     if ROT > 0:
         w1 = _load_w(W_PTR, i1 + zero, m1, GEMMA)
         w2 = _load_w(W_PTR, i2 + zero, m1, GEMMA)
         cmask = m1 & p_ok
-        c = tl.load(COS_SIN_PTR + row + half, mask=cmask, other=1.0).to(tl.float32)
-        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half, mask=cmask, other=0.0).to(tl.float32)
+        c = tl.load(COS_SIN_PTR + row + half + zero, mask=cmask, other=1.0).to(tl.float32)
+        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half + zero, mask=cmask, other=0.0).to(tl.float32)
         return wp, w1, w2, c, s
     else:
         return wp, 1.0, 1.0, 1.0, 0.0
@@ -93,21 +105,25 @@ def _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, z
 
 @triton.jit
 def _norm_rope_rows(
-    X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
+    X_PTR, W_PTR, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
     D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
     IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, NATIVE: tl.constexpr, EARLY_LOADS: tl.constexpr,
-    FMA: tl.constexpr,
+    FMA: tl.constexpr, ONE: tl.constexpr,
 ):  # fmt: skip
     """Rules 1-3 for a block of rows: returns fp32 ``(z1, z2, zp, i1, i2, j, m1, mp)``.
 
     ``z1``/``z2`` ``[R, HALF_P]`` are the rotated pair elements at channels ``i1``/``i2``, ``zp``
     ``[R, PASS_P]`` the pass-through channels ``j``; ``m1``/``mp`` their masks. Values are
     already representable in the input dtype (``f(rnd(z))``). ``row``/``p_ok`` come from
-    :func:`_table_rows`. With EARLY_LOADS the weights and cos/sin are loaded before the norm's
+    :func:`_table_rows`; with ``ONE`` ``t`` is the block's one token (a scalar). With EARLY_LOADS
+    the weights and cos/sin are loaded before the norm's
     reduction (loads are not moved across its barrier: one memory round trip less), else after
     it (fewer registers live across it: more programs per SM).
     """
-    base = t.to(tl.int64)[:, None] * stride_t + h.to(tl.int64)[:, None] * stride_h
+    if ONE:
+        base = t.to(tl.int64) * stride_t + h.to(tl.int64)[:, None] * stride_h
+    else:
+        base = t.to(tl.int64)[:, None] * stride_t + h.to(tl.int64)[:, None] * stride_h
     half = tl.arange(0, HALF_P)[None, :]
     if IS_NEOX:
         i1, i2 = half, half + ROT // 2
@@ -116,7 +132,7 @@ def _norm_rope_rows(
     m1 = rmask[:, None] & (half < ROT // 2)
     j = ROT + tl.arange(0, PASS_P)[None, :]
     mp = rmask[:, None] & (j < D)
-    zero = (rows * 0)[:, None]
+    zero = (h * 0)[:, None]
     xp = tl.load(X_PTR + base + j, mask=mp, other=0.0).to(tl.float32)
     if ROT > 0:
         x1 = tl.load(X_PTR + base + i1, mask=m1, other=0.0).to(tl.float32)
@@ -143,7 +159,7 @@ def _norm_rope_rows(
             z1 = _rnd(u1 * c - u2 * s, X_PTR, NATIVE)
             z2 = _rnd(u2 * c + u1 * s, X_PTR, NATIVE)
     else:
-        z1 = tl.zeros((rows.shape[0], HALF_P), tl.float32)
+        z1 = tl.zeros((h.shape[0], HALF_P), tl.float32)
         z2 = z1
     return z1, z2, zp, i1, i2, j, m1, mp
 
@@ -169,6 +185,31 @@ def _store_rows(
 
 
 @triton.jit
+def _block_rows(pid, T, H: tl.constexpr, ROWS: tl.constexpr, ONE: tl.constexpr):
+    """``(t, h, rmask)`` of block ``pid``'s rows (row ``r`` is token ``r // H``, head ``r % H``).
+
+    ``ONE`` (ROWS divides H): the block is ROWS heads of one token, and ``t`` a scalar, so that
+    what depends on the token alone (position, table row, slot) is loaded once per thread.
+    """
+    if ONE:
+        t = (pid * ROWS) // H
+        h = (pid * ROWS) % H + tl.arange(0, ROWS)
+        return t, h, (h * 0 + t) < T
+    else:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        return rows // H, rows % H, rows < T * H
+
+
+@triton.jit
+def _row_offsets(t, h, stride_t, stride_h, ONE: tl.constexpr):
+    """int64 ``[R, 1]`` offsets ``t * stride_t + h * stride_h`` (``t`` a scalar with ``ONE``)."""
+    if ONE:
+        return t.to(tl.int64) * stride_t + h.to(tl.int64)[:, None] * stride_h
+    else:
+        return (t.to(tl.int64) * stride_t)[:, None] + h.to(tl.int64)[:, None] * stride_h
+
+
+@triton.jit
 def _scale_rows(SCALE_PTR, h, HEADS: tl.constexpr):
     """fp32 ``[R, 1]`` scale of each row's head: ``scale[0]`` (per tensor) or ``scale[h]``."""
     if HEADS == 1:
@@ -184,20 +225,19 @@ def _q_program(
     H: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
     ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
     FNUZ: tl.constexpr, NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr, EARLY_LOADS: tl.constexpr,
+    ONE: tl.constexpr,
 ):  # fmt: skip
     """One block of ROWS q rows: norm, RoPE, store (FP8 with the scale read from SCALE_PTR)."""
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < T * H
-    t, h = rows // H, rows % H
-    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT)
+    t, h, rmask = _block_rows(pid, T, H, ROWS, ONE)
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE)
     scale = 1.0
     if FP8:
         scale = tl.load(SCALE_PTR + tl.zeros((1, 1), tl.int32))
     z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-        X_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
-        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
+        X_PTR, W_PTR, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA, ONE,
     )  # fmt: skip
-    base = t.to(tl.int64)[:, None] * out_stride_t + h.to(tl.int64)[:, None] * out_stride_h
+    base = _row_offsets(t, h, out_stride_t, out_stride_h, ONE)
     _store_rows(OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, scale, ROT, FP8, FMAX, FNUZ, NATIVE, NATIVE_FP8, FMA)
 
 
@@ -212,6 +252,7 @@ def _k_program(
     V_SCALE_HEADS: tl.constexpr, ROWS: tl.constexpr, IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
     C_FP8: tl.constexpr, C_FMAX: tl.constexpr, C_FNUZ: tl.constexpr,
     NATIVE: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr, EARLY_LOADS: tl.constexpr,
+    ONE: tl.constexpr,
 ):  # fmt: skip
     """One block of ROWS k rows: norm, RoPE, k_out, and the cache write of k and the matching v rows.
 
@@ -219,41 +260,40 @@ def _k_program(
     too) are issued before the norm's: each one left behind the reduction would be a dependent
     round trip of its own.
     """
-    rows = kp * ROWS + tl.arange(0, ROWS)
-    rmask = rows < T * H
-    t, h = rows // H, rows % H
-    h64 = h.to(tl.int64)[:, None]
-    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT)
+    t, h, rmask = _block_rows(kp, T, H, ROWS, ONE)
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE)
     if K_CACHE_PTR is not None:
-        slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
+        if ONE:
+            slot = tl.load(SLOT_PTR + t).to(tl.int64)
+        else:
+            slot = tl.load(SLOT_PTR + t, mask=rmask, other=-1).to(tl.int64)
         ks, vs = 1.0, 1.0
         if C_FP8:
             ks = _scale_rows(K_SCALE_PTR, h, K_SCALE_HEADS)
             vs = _scale_rows(V_SCALE_PTR, h, V_SCALE_HEADS)
         dv = tl.arange(0, DV_P)[None, :]
         if EARLY_LOADS:  # every row in range is read (in bounds whatever the slot)
-            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv,
-                        mask=rmask[:, None] & (dv < DV))  # fmt: skip
+            x = tl.load(V_PTR + _row_offsets(t, h, v_stride_t, v_stride_h, ONE) + dv, mask=rmask[:, None] & (dv < DV))
     z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
-        K_PTR, W_PTR, rows, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
-        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA,
+        K_PTR, W_PTR, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
+        D, ROT, HALF_P, PASS_P, IS_NEOX, GEMMA, NATIVE, EARLY_LOADS, FMA, ONE,
     )  # fmt: skip
     if K_OUT_PTR is not None:
-        base = t.to(tl.int64)[:, None] * k_out_stride_t + h64 * k_out_stride_h
+        base = _row_offsets(t, h, k_out_stride_t, k_out_stride_h, ONE)
         _store_rows(K_OUT_PTR, base, z1, z2, zp, i1, i2, j, m1, mp, 1.0,
                     ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
     if K_CACHE_PTR is not None:
-        ok = rmask & (slot >= 0) & (slot < num_slots)
-        slot = tl.where(ok, slot, 0)
+        ok = rmask & (slot >= 0) & (slot < num_slots)  # [R] (with ONE: the scalar broadcast)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)
         blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         ok2 = ok[:, None]
-        cbase = (blk * kc_stride_b + off * kc_stride_s)[:, None] + h64 * kc_stride_h
+        cbase = _row_offsets(blk * kc_stride_b + off * kc_stride_s, h, 1, kc_stride_h, ONE)
         _store_rows(K_CACHE_PTR, cbase, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
                     ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
         vmask = ok2 & (dv < DV)
         if not EARLY_LOADS:
-            x = tl.load(V_PTR + t.to(tl.int64)[:, None] * v_stride_t + h64 * v_stride_h + dv, mask=vmask)
-        vbase = (blk * vc_stride_b + off * vc_stride_s)[:, None] + h64 * vc_stride_h
+            x = tl.load(V_PTR + _row_offsets(t, h, v_stride_t, v_stride_h, ONE) + dv, mask=vmask)
+        vbase = _row_offsets(blk * vc_stride_b + off * vc_stride_s, h, 1, vc_stride_h, ONE)
         if C_FP8:
             tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
         else:
@@ -280,6 +320,7 @@ def _qk_norm_rope_kernel(
     DV: tl.constexpr, DV_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,  # v head size, padded; cache block size
     K_SCALE_HEADS: tl.constexpr, V_SCALE_HEADS: tl.constexpr,  # 1 (per tensor) or HK (per head)
     ROWS_Q: tl.constexpr, ROWS_K: tl.constexpr,  # rows per program
+    ONE_Q: tl.constexpr, ONE_K: tl.constexpr,  # ROWS_Q divides HQ (ROWS_K divides HK): a block is one token's
     EARLY_LOADS: tl.constexpr,  # every load before the norm's reduction (decode) or after it where it can wait
     IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
     Q_FP8: tl.constexpr, Q_FMAX: tl.constexpr, Q_FNUZ: tl.constexpr,  # FP8 q
@@ -305,12 +346,12 @@ def _qk_norm_rope_kernel(
             K_CACHE_PTR, kc_stride_b, kc_stride_s, kc_stride_h, V_CACHE_PTR, vc_stride_b, vc_stride_s, vc_stride_h,
             SLOT_PTR, num_slots, K_SCALE_PTR, V_SCALE_PTR,
             HK, D, ROT, HALF_P, PASS_P, DV, DV_P, BLOCK_SIZE, K_SCALE_HEADS, V_SCALE_HEADS, ROWS_K, IS_NEOX, GEMMA,
-            C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA, EARLY_LOADS,
+            C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA, EARLY_LOADS, ONE_K,
         )  # fmt: skip
     else:
         _q_program(
             pid - k_programs, T, q_eps, Q_PTR, q_stride_t, q_stride_h, Q_W_PTR, COS_SIN_PTR, cos_sin_stride, POS_PTR, max_pos,
             Q_OUT_PTR, q_out_stride_t, q_out_stride_h, Q_SCALE_PTR,
             HQ, D, ROT, HALF_P, PASS_P, ROWS_Q, IS_NEOX, GEMMA, Q_FP8, Q_FMAX, Q_FNUZ, NATIVE, NATIVE_FP8, FMA,
-            EARLY_LOADS,
+            EARLY_LOADS, ONE_Q,
         )  # fmt: skip

@@ -227,7 +227,8 @@ class RopeTritonBackend:
             K_SCALE_PTR=req.k_scale, V_SCALE_PTR=req.v_scale, Q_SCALE_PTR=req.q_scale,
             T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, k_programs=k_programs,
         )  # fmt: skip
-        meta = {"ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k, "EARLY_LOADS": cfg.early_loads}
+        meta = {"ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k, "EARLY_LOADS": cfg.early_loads,
+                "ONE_Q": plan.hq % cfg.rows_q == 0, "ONE_K": plan.hk % cfg.rows_k == 0}  # fmt: skip
         return q_programs + k_programs, cfg, args, {**constexprs, **meta}
 
     def _launch(self, req: RopeRequest) -> None:
@@ -254,6 +255,8 @@ class RopeTritonBackend:
             direct = bind_direct(ck, [])
             if direct is not None:
                 self._direct[fast_key] = direct
+                merged = {**args, **constexprs}
+                self._remember(req, direct, grid, [_pointer(merged[n]) for n in self._params])
 
     def _remember(self, req: RopeRequest, direct: Callable[[int, int, list[Any]], None], grid: int,
                   values: list[Any]) -> None:  # fmt: skip
