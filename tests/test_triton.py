@@ -437,8 +437,9 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
 
 def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     """The shape-only rule gives DeepSeek's shapes the configurations timed fastest on the H200
-    (docs/benchmarks.md): decode with k in programs of its own and the tiles of every bucket, two
-    warps per quantizing row up to 8192 rows, then one warp per q row with its k row."""
+    (docs/benchmarks.md): decode with k in programs of its own and the tiles of every bucket; one
+    warp per quantizing q row (two for per-token FP8) with k apart up to 8192 rows; then one warp
+    per q row, with its k row except for hardware-encoded FP8 groups."""
     be = TritonBackend()
     be.available()
 
@@ -455,9 +456,14 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     assert config(QuantMode.FP8_TENSOR, 2) == tb._Config(1, 1, 4)
     # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
     caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}
-    for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4):
-        assert config(mode, 4096) == tb._Config(1, 4, 2)
-        big = tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
+    # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
+    # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere)
+    hw_fp8 = not be._interpret and not torch.version.hip and torch.cuda.get_device_capability() >= (8, 9)
+    for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4, QuantMode.FP8_TENSOR):
+        two_warps = mode is QuantMode.FP8_TOKEN
+        assert config(mode, 4096) == config(mode, 8192) == tb._Config(1, 4, 2 if two_warps else 1)
+        apart = mode is QuantMode.FP8_GROUP and hw_fp8
+        big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
         assert config(mode, 16384) == config(mode, 65536) == big
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
 

@@ -17,8 +17,10 @@ Heuristics (measured numbers in the notes block below)
   ``_EPT_DECODE`` elements per thread, k rows in programs of their own; the q row keeps the
   tiles of every other bucket (batch invariance, see :func:`_config`).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
-  rows); quantizing calls with two warps per q row up to 8192 rows, then one warp per q row
-  with its k row in the same program (issue-bound kernels: no cross-warp reduction, and each
+  rows); quantizing calls with one warp per q row (two for per-token FP8) and k rows in
+  programs of their own up to 8192 rows; above that, FP8 groups through the hardware e4m3fn
+  conversion keep that layout, and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and
+  per-tensor FP8) put each q row's k row in its program (no cross-warp reduction, and each
   program mixes quantizing arithmetic with plain-norm memory traffic); DeepSeek's MXFP4
   programs capped at 80 registers (:meth:`TritonBackend._register_cap`).
 - Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
@@ -54,6 +56,17 @@ logger = logging.getLogger(__name__)
 #   M=65536  FP8 1x128 1/4/2 115.7, 1/2/1 108.0, 1/1/1 k-with-q 109.3 (96%);
 #            MXFP4 1/4/2 148.8, 1/4/1 140.9, 1/1/1 k-with-q 123.1 (115.2 with the fused E2M1
 #            encoder, 81%); norm: the best four of nine within 1% (129.5-130.7)
+# Quantizing modes, M = 4096 / 8192 / 16384 / 65536, strided (later run, same script's sweep):
+#   1/4/1 against 1/4/2: FP8 1x128 10.17 / 16.55 against 10.38 / 17.32; 1x32 8.89 / 15.51 against
+#   10.46 / 17.19; MXFP4 11.30 / 19.59 against 11.98 / 20.34; e4m3fnuz 1x128 11.57 / 19.95 against
+#   12.34 / 21.23; per-tensor 16.01 / 25.76 against 16.06 / 26.38; per-token 10.47 / 16.83
+#   against 10.03 / 16.61 (it keeps two warps).
+#   1/4/1 against 1/1/1 k-with-q at 16384 / 65536: FP8 1x128 29.72 / 107.50 against 30.88 /
+#   109.25, 1x64 29.68 / 107.82 against 30.79 / 109.38, 1x32 28.81 / 107.75 against 31.04 /
+#   110.21; but e4m3fnuz 1x128 35.86 / 135.71 against 34.38 / 122.36, MXFP4 35.21 / 132.45
+#   against 32.37 / 112.45 (capped), per-token 30.03 / 107.34 against 30.40 / 105.75,
+#   per-tensor 48.79 / 177.63 against 48.80 / 170.84: k rows apart at prefill for hardware-encoded
+#   FP8 groups only.
 _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 _QUANT_MID_MAX_M = 8192  # ... and two warps per row up to this many
@@ -161,6 +174,8 @@ class _Plan:
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
     register_cap: int | None = None  # maxnreg of the one-warp k-with-q configuration (see _register_cap)
+    per_token: bool = False  # FP8 per token: two warps per q row in the mid bucket (see _bucket_config)
+    hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -208,14 +223,21 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
     # The plain norm keeps one padded tile per row in every bucket: three tiles took 10.3-10.5
     # against 9.8-9.9 µs at M = 4096 (the 1.34 against 1.45 µs they took at M = 1 would break
     # batch invariance if taken there alone). H200, 2026-11-30.
+    k_apart = max(1, q_tile // k_tile)  # k rows per program of their own: a q row's worth
     if plan.quantizes and m_hi <= _QUANT_MID_MAX_M:
-        # A few waves of programs: two warps per q row, k rows in programs of the same size
-        # (FP8 at M = 4096: 82-85% of the copy, against 77-81% with the one-warp rule below).
-        return _Config(1, max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+        # A few waves of programs, k rows in programs of their own: one warp per q row (no
+        # cross-warp reduction), two for per-token FP8 (see the notes at the top of this module).
+        return _Config(1, k_apart, _warps(q_tile, _EPT_PREFILL if plan.per_token else _EPT_QUANT))
+    if plan.quantizes and plan.hw_groups:
+        # FP8 groups through the hardware conversion issue the fewest instructions per element:
+        # k rows apart, as in the mid bucket (M = 16384 / 65536, 1x128: 29.7 / 107.5 against
+        # 30.9 / 109.3 µs with k rows in the q programs).
+        return _Config(1, k_apart, _warps(q_tile, _EPT_QUANT))
     if plan.quantizes:
-        # Issue-bound: the fewest warps per row (no cross-warp reduction), each q row with its k
-        # row so that every program mixes the quantizing arithmetic with plain-norm traffic
-        # (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123 against 148 µs).
+        # Issue-bound encoders (MXFP4, e4m3fnuz; per-token and per-tensor FP8): the fewest warps
+        # per row, each q row with its k row so that every program mixes the quantizing
+        # arithmetic with plain-norm traffic (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123
+        # against 148 µs).
         return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=plan.register_cap)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
@@ -363,6 +385,8 @@ class TritonBackend:
     def _plan(self, req: Any, key: tuple[object, ...]) -> _Plan:
         if self._kernels is None:
             self._load_kernels()
+        from . import triton_quant_kernels as te
+
         n1, n2, mode = req.n1, req.n2, req.mode
         q_mode, tiles, span, q_chunked = self._q_layout(req)
         k_chunked = n2 > 0 and _next_pow2(n2) > _MAX_SINGLE
@@ -383,7 +407,8 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False]),
+            register_cap=self._register_cap(q_mode, tiles[False]), per_token=mode is QuantMode.FP8_TOKEN,
+            hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
