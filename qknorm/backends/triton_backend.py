@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 #   FP8 groups only.
 _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
-_QUANT_MID_MAX_M = 8192  # ... and two warps per row up to this many
+_QUANT_MID_MAX_M = 8192  # ... and k rows apart (one warp per q row, two per token) up to this many
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
