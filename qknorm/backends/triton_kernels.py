@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_quant_kernels import e2m1_codes, e8m0, fp8_codes, max_nan, nan_amax, to_out
+from .triton_quant_kernels import e2m1_codes, e8m0, fp8_codes, max_nan, nan_amax, to_f32, to_out
 
 __all__ = ["_qk_rmsnorm_kernel"]
 
@@ -42,16 +42,16 @@ Q_AMAX = tl.constexpr(5)  # first launch of per-tensor FP8: per-program amax of 
 @triton.jit
 def _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask):
     """x = f(X) (+ f(RES)) in fp32 over a tile (rows int64)."""
-    x = tl.load(X_PTR + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = to_f32(tl.load(X_PTR + rows * x_stride + cols, mask=mask, other=0.0))
     if RES_PTR is not None:
-        x += tl.load(RES_PTR + rows * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x += to_f32(tl.load(RES_PTR + rows * res_stride + cols, mask=mask, other=0.0))
     return x
 
 
 @triton.jit
 def _load_w(W_PTR, cols, mask, GEMMA: tl.constexpr):
     """w = f(weight) (+ 1.0 in fp32 for gemma) over the tile's columns."""
-    w = tl.load(W_PTR + cols, mask=mask, other=0.0).to(tl.float32)
+    w = to_f32(tl.load(W_PTR + cols, mask=mask, other=0.0))
     if GEMMA:
         w = w + 1.0
     return w

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..backends.triton_quant_kernels import fp8_code, quotient, to_out
+from ..backends.triton_quant_kernels import fp8_code, quotient, to_f32, to_out
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _load_w(W_PTR, idx, mask, GEMMA: tl.constexpr):
     if W_PTR is None:
         return 1.0
     else:
-        w = tl.load(W_PTR + idx, mask=mask, other=0.0).to(tl.float32)
+        w = to_f32(tl.load(W_PTR + idx, mask=mask, other=0.0))
         if GEMMA:
             w = w + 1.0
         return w
@@ -96,8 +96,8 @@ def _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, z
         w1 = _load_w(W_PTR, i1 + zero, m1, GEMMA)
         w2 = _load_w(W_PTR, i2 + zero, m1, GEMMA)
         cmask = m1 & p_ok
-        c = tl.load(COS_SIN_PTR + row + half + zero, mask=cmask, other=1.0).to(tl.float32)
-        s = tl.load(COS_SIN_PTR + row + ROT // 2 + half + zero, mask=cmask, other=0.0).to(tl.float32)
+        c = to_f32(tl.load(COS_SIN_PTR + row + half + zero, mask=cmask, other=1.0))
+        s = to_f32(tl.load(COS_SIN_PTR + row + ROT // 2 + half + zero, mask=cmask, other=0.0))
         return wp, w1, w2, c, s
     else:
         return wp, 1.0, 1.0, 1.0, 0.0
@@ -133,10 +133,10 @@ def _norm_rope_rows(
     j = ROT + tl.arange(0, PASS_P)[None, :]
     mp = rmask[:, None] & (j < D)
     zero = (h * 0)[:, None]
-    xp = tl.load(X_PTR + base + j, mask=mp, other=0.0).to(tl.float32)
+    xp = to_f32(tl.load(X_PTR + base + j, mask=mp, other=0.0))
     if ROT > 0:
-        x1 = tl.load(X_PTR + base + i1, mask=m1, other=0.0).to(tl.float32)
-        x2 = tl.load(X_PTR + base + i2, mask=m1, other=0.0).to(tl.float32)
+        x1 = to_f32(tl.load(X_PTR + base + i1, mask=m1, other=0.0))
+        x2 = to_f32(tl.load(X_PTR + base + i2, mask=m1, other=0.0))
     if EARLY_LOADS:
         wp, w1, w2, c, s = _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero, ROT, GEMMA)
     sumsq = tl.sum(xp * xp, axis=1)
@@ -295,7 +295,7 @@ def _k_program(
             x = tl.load(V_PTR + _row_offsets(t, h, v_stride_t, v_stride_h, ONE) + dv, mask=vmask)
         vbase = _row_offsets(blk * vc_stride_b + off * vc_stride_s, h, 1, vc_stride_h, ONE)
         if C_FP8:
-            tl.store(V_CACHE_PTR + vbase + dv, _fp8(x.to(tl.float32), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
+            tl.store(V_CACHE_PTR + vbase + dv, _fp8(to_f32(x), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
         else:
             tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
 
