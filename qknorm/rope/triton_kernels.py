@@ -133,10 +133,12 @@ def _norm_rope_rows(
     j = ROT + tl.arange(0, PASS_P)[None, :]
     mp = rmask[:, None] & (j < D)
     zero = (h * 0)[:, None]
-    xp = to_f32(tl.load(X_PTR + base + j, mask=mp, other=0.0))
+    # x through the compiler's conversion, the weights by their bits (to_f32): the mix measured
+    # fastest on the H200 at T <= 16 and T >= 4096 (docs/benchmarks.md).
+    xp = tl.load(X_PTR + base + j, mask=mp, other=0.0).to(tl.float32)
     if ROT > 0:
-        x1 = to_f32(tl.load(X_PTR + base + i1, mask=m1, other=0.0))
-        x2 = to_f32(tl.load(X_PTR + base + i2, mask=m1, other=0.0))
+        x1 = tl.load(X_PTR + base + i1, mask=m1, other=0.0).to(tl.float32)
+        x2 = tl.load(X_PTR + base + i2, mask=m1, other=0.0).to(tl.float32)
     if EARLY_LOADS:
         wp, w1, w2, c, s = _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero, ROT, GEMMA)
     sumsq = tl.sum(xp * xp, axis=1)
