@@ -40,7 +40,14 @@ import torch
 
 from ..quant import QuantMode, fp8_inv_max
 from .base import BackendUnavailable
-from .triton_launch import availability, bind_direct, device_unsupported, direct_launch_supported, is_build_failure
+from .triton_launch import (
+    PlannedLaunches,
+    availability,
+    bind_direct,
+    device_unsupported,
+    direct_launch_supported,
+    is_build_failure,
+)
 
 __all__ = ["TritonBackend"]
 
@@ -264,22 +271,6 @@ def _warps(elements: int, per_thread: int) -> int:
     return max(1, min(16, elements // (32 * per_thread)))
 
 
-# Call plans whose direct launch is kept (one per call signature; a serving process sees a few
-# per layer shape and batch size). Past this many the memo starts over.
-_MAX_PLANNED = 1024
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """A direct launch of one call plan: every argument but the pointers, and where those go."""
-
-    fast: Any  # triton_launch.bind_direct's launcher
-    grid: int
-    args: list[Any]  # the kernel's runtime arguments in order (pointers of the first call)
-    slots: tuple[tuple[int, str], ...]  # (position in args, request attribute) per present tensor
-    device: int | None
-
-
 # ---------------------------------------------------------------------------- the backend
 
 
@@ -299,8 +290,7 @@ class TritonBackend:
         self._direct = False  # direct launches (see triton_launch.bind_direct)
         self._stream: Any = None
         self._hooks: Any = None
-        # Direct launches ready per call plan (qknorm.request.QKNormPlan): see _launch_planned.
-        self._planned: dict[object, _Planned] = {}
+        self._planned = PlannedLaunches()  # direct launches per call plan (qknorm.request.QKNormPlan)
 
     # -- capability
 
@@ -431,8 +421,7 @@ class TritonBackend:
     # -- launching
 
     def run(self, req: Any) -> None:
-        planned = self._planned.get(getattr(req, "plan", None))
-        if planned is not None and self._launch_planned(req, planned):
+        if self._planned.launch(req, self._stream, self._hooks):
             return
         m = req.m
         if m == 0:
@@ -511,32 +500,11 @@ class TritonBackend:
             launch.fast[key] = bind_direct(compiled, launch.tail) or False
 
     def _remember(self, req: Any, fast: Any, grid: int, picked: list[Any], device: int | None) -> None:
-        """Keep a direct launch for ``req``'s call plan: later calls of its signature only read pointers.
-
-        A call plan (made once per call signature by the pipeline) fixes everything but where the
-        tensors are: shapes, strides, which tensors are present, the scalars, hence the launch
-        configuration, the grid and every non-pointer argument of the compiled kernel.
-        """
+        """Keep a direct launch for ``req``'s call plan (:class:`~.triton_launch.PlannedLaunches`)."""
         plan = getattr(req, "plan", None)
-        if plan is None:
-            return
-        slots = tuple((self._runtime_names.index(n), a) for n, a in _TENSORS.items() if getattr(req, a) is not None)
-        if len(self._planned) >= _MAX_PLANNED:
-            self._planned.clear()
-        self._planned[plan] = _Planned(fast, grid, picked, slots, device)
-
-    def _launch_planned(self, req: Any, planned: _Planned) -> bool:
-        """Launch ``req`` as its plan's first direct launch did, with this call's pointers; False if it cannot."""
-        args = planned.args.copy()
-        bits = 0
-        for i, attr in planned.slots:
-            p = args[i] = getattr(req, attr).data_ptr()
-            bits |= p
-        dev = planned.device
-        if bits & 15 or self._hooks.launch_enter_hook.calls or (dev is not None and dev != torch.cuda.current_device()):
-            return False  # the regular path decides (alignment it was not compiled for, a profiler, another device)
-        planned.fast(planned.grid, self._stream(dev), args)
-        return True
+        if plan is not None:
+            slots = tuple((self._runtime_names.index(n), a) for n, a in _TENSORS.items() if getattr(req, a) is not None)
+            self._planned.remember(plan, fast, grid, picked, slots, device)
 
     def _launch_two_pass(self, grid: int, cfg: _Config, args: dict[str, Any], consts: dict[str, Any]) -> None:
         """Per-tensor FP8: the amax launch (capped grid, one partial per program), then the main one.

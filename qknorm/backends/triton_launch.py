@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DIRECT_VERSIONS", "availability", "device_unsupported", "direct_launch_supported", "bind_direct",
-           "is_build_failure"]
+import torch
+
+__all__ = ["DIRECT_VERSIONS", "PlannedLaunches", "availability", "device_unsupported", "direct_launch_supported",
+           "bind_direct", "is_build_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +127,74 @@ def is_build_failure(exc: BaseException) -> bool:
     except ImportError:
         return False
     return isinstance(exc, (CompilationError, OutOfResources, PTXASError))
+
+
+# Call plans whose direct launch is kept (one per call signature; a serving process sees a few
+# per layer shape and batch size). Past this many the memo starts over.
+MAX_PLANNED = 1024
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A direct launch of one call plan: every argument but the pointers, and where those go."""
+
+    plan: object  # held, so that its id is not reused while the entry lives
+    fast: Callable[[int, int, list[Any]], None]  # bind_direct's launcher
+    grid: int
+    args: list[Any]  # the kernel's arguments in order (pointers of the first call, as integers)
+    slots: tuple[tuple[int, str], ...]  # (position in args, request attribute) per present tensor
+    device: int | None
+
+
+class PlannedLaunches:
+    """Direct launches kept per call plan: later calls of a plan read only their pointers.
+
+    A call plan (made once per call signature by :class:`qknorm.core.pipeline.Pipeline`) fixes
+    everything but where the tensors are: shapes, strides, which tensors are present, the
+    scalars, hence the launch configuration, the grid and every non-pointer argument of the
+    compiled kernel. Plans are keyed by identity (two plans of different strides may compare
+    equal); each entry holds its plan, so its id cannot be reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, _Planned] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def clear(self) -> None:
+        self._by_id.clear()
+
+    def remember(self, plan: object, fast: Callable[[int, int, list[Any]], None], grid: int, args: list[Any],
+                 slots: tuple[tuple[int, str], ...], device: int | None) -> None:  # fmt: skip
+        """Keep ``plan``'s direct launch (``args`` with the pointers of the call that made it)."""
+        if len(self._by_id) >= MAX_PLANNED:
+            self._by_id.clear()
+        self._by_id[id(plan)] = _Planned(plan, fast, grid, args, slots, device)
+
+    def launch(self, req: Any, stream: Callable[[int | None], int], hooks: Any) -> bool:
+        """Launch ``req`` as its plan's first direct launch did, with this call's pointers.
+
+        False when it cannot, and the caller's regular path decides: no entry for the plan, a
+        pointer not 16-byte aligned (the kernel was compiled for aligned ones), a launch hook
+        (a profiler), or another current device.
+        """
+        plan = getattr(req, "plan", None)
+        entry = self._by_id.get(id(plan))
+        if entry is None or entry.plan is not plan:
+            return False
+        args = entry.args.copy()
+        bits = 0
+        for i, attr in entry.slots:
+            p = args[i] = getattr(req, attr).data_ptr()
+            bits |= p
+        dev = entry.device
+        if (
+            bits & 15
+            or hooks.launch_enter_hook.calls
+            or hooks.launch_exit_hook.calls
+            or (dev is not None and dev != torch.cuda.current_device())
+        ):
+            return False
+        entry.fast(entry.grid, stream(dev), args)
+        return True

@@ -24,6 +24,7 @@ import torch
 
 from ..backends.base import BackendUnavailable
 from ..backends.triton_launch import (
+    PlannedLaunches,
     availability,
     bind_direct,
     device_unsupported,
@@ -120,7 +121,7 @@ class RopeTritonBackend:
         self._interpret = False
         self._constexprs: dict[tuple[object, ...], dict[str, Any]] = {}
         self._direct: dict[tuple[object, ...], Callable[[int, int, list[Any]], None]] = {}
-        self._planned: dict[int, _Planned] = {}  # direct launches ready per call plan (by id, see _remember)
+        self._planned = PlannedLaunches()  # direct launches per call plan (qknorm.rope.request.RopePlan)
         self._fast_ok = False  # direct launches (triton_launch.bind_direct): compiled Triton 3.6 on CUDA
         self._params: list[str] = []
         self._stream: Any = None
@@ -183,8 +184,7 @@ class RopeTritonBackend:
         )  # fmt: skip
 
     def run(self, req: RopeRequest) -> None:
-        planned = self._planned.get(id(req.plan))
-        if planned is not None and planned.plan is req.plan and self._launch_planned(req, planned):
+        if self._planned.launch(req, self._stream, self._hooks):
             return
         plan = req.plan
         if plan.t == 0:
@@ -260,34 +260,9 @@ class RopeTritonBackend:
 
     def _remember(self, req: RopeRequest, direct: Callable[[int, int, list[Any]], None], grid: int,
                   values: list[Any]) -> None:  # fmt: skip
-        """Keep ``req``'s direct launch for later calls of its plan: they only read their pointers.
-
-        A plan is made once per call signature (shapes, strides, dtypes, scalars), so it fixes the
-        grid and every non-pointer argument. Plans are compared by identity (equal plans of
-        different strides exist); the entry holds its plan, so the id cannot be reused meanwhile.
-        """
+        """Keep ``req``'s direct launch for later calls of its plan (:class:`PlannedLaunches`)."""
         slots = tuple((self._params.index(n), a) for n, a in _TENSORS.items() if getattr(req, a) is not None)
-        if len(self._planned) >= _MAX_PLANNED:
-            self._planned.clear()
-        self._planned[id(req.plan)] = _Planned(req.plan, direct, grid, values, slots)
-
-    def _launch_planned(self, req: RopeRequest, planned: _Planned) -> bool:
-        """Launch ``req`` as its plan's first direct launch did, with this call's pointers; False if it cannot."""
-        values = planned.values.copy()
-        bits = 0
-        for i, attr in planned.slots:
-            p = values[i] = getattr(req, attr).data_ptr()
-            bits |= p
-        dev = req.plan.device.index
-        if (
-            bits & 15
-            or self._hooks.launch_enter_hook.calls
-            or self._hooks.launch_exit_hook.calls
-            or (dev is not None and dev != torch.cuda.current_device())
-        ):
-            return False  # the regular path decides (alignment it was not compiled for, a profiler, another device)
-        planned.direct(planned.grid, self._stream(dev), values)
-        return True
+        self._planned.remember(req.plan, direct, grid, values, slots, req.plan.device.index)
 
 
 # Kernel parameters holding tensors -> the request attribute that supplies them.
@@ -297,22 +272,6 @@ _TENSORS = {
     "V_CACHE_PTR": "v_cache", "SLOT_PTR": "slot_mapping", "K_SCALE_PTR": "k_scale", "V_SCALE_PTR": "v_scale",
     "Q_SCALE_PTR": "q_scale",
 }  # fmt: skip
-# Call plans whose direct launch is kept (a serving process sees a few per layer shape and batch
-# size); past this many the memo starts over.
-_MAX_PLANNED = 1024
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """A direct launch of one call plan: every argument but the pointers, and where those go."""
-
-    plan: RopePlan
-    direct: Callable[[int, int, list[Any]], None]
-    grid: int
-    values: list[Any]  # every kernel parameter in order (pointers as the first call's integers)
-    slots: tuple[tuple[int, str], ...]  # (position in values, request attribute) per present tensor
-
-
 def _pointer(v: Any) -> Any:
     return v.data_ptr() if isinstance(v, torch.Tensor) else v
 
