@@ -104,6 +104,31 @@ def _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, z
 
 
 @triton.jit
+def _block_rows(pid, T, H: tl.constexpr, ROWS: tl.constexpr, ONE: tl.constexpr):
+    """``(t, h, rmask)`` of block ``pid``'s rows (row ``r`` is token ``r // H``, head ``r % H``).
+
+    ``ONE`` (ROWS divides H): the block is ROWS heads of one token, and ``t`` a scalar, so that
+    what depends on the token alone (position, table row, slot) is loaded once per thread.
+    """
+    if ONE:
+        t = (pid * ROWS) // H
+        h = (pid * ROWS) % H + tl.arange(0, ROWS)
+        return t, h, (h * 0 + t) < T
+    else:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        return rows // H, rows % H, rows < T * H
+
+
+@triton.jit
+def _row_offsets(t, h, stride_t, stride_h, ONE: tl.constexpr):
+    """int64 ``[R, 1]`` offsets ``t * stride_t + h * stride_h`` (``t`` a scalar with ``ONE``)."""
+    if ONE:
+        return t.to(tl.int64) * stride_t + h.to(tl.int64)[:, None] * stride_h
+    else:
+        return (t.to(tl.int64) * stride_t)[:, None] + h.to(tl.int64)[:, None] * stride_h
+
+
+@triton.jit
 def _norm_rope_rows(
     X_PTR, W_PTR, t, h, rmask, stride_t, stride_h, eps, COS_SIN_PTR, row, p_ok,
     D: tl.constexpr, ROT: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
@@ -116,14 +141,11 @@ def _norm_rope_rows(
     ``[R, PASS_P]`` the pass-through channels ``j``; ``m1``/``mp`` their masks. Values are
     already representable in the input dtype (``f(rnd(z))``). ``row``/``p_ok`` come from
     :func:`_table_rows`; with ``ONE`` ``t`` is the block's one token (a scalar). With EARLY_LOADS
-    the weights and cos/sin are loaded before the norm's
-    reduction (loads are not moved across its barrier: one memory round trip less), else after
-    it (fewer registers live across it: more programs per SM).
+    the weights and cos/sin are loaded before the norm's reduction (loads are not moved across
+    its barrier: one memory round trip less), else after it (fewer registers live across it:
+    more programs per SM).
     """
-    if ONE:
-        base = t.to(tl.int64) * stride_t + h.to(tl.int64)[:, None] * stride_h
-    else:
-        base = t.to(tl.int64)[:, None] * stride_t + h.to(tl.int64)[:, None] * stride_h
+    base = _row_offsets(t, h, stride_t, stride_h, ONE)
     half = tl.arange(0, HALF_P)[None, :]
     if IS_NEOX:
         i1, i2 = half, half + ROT // 2
@@ -184,31 +206,6 @@ def _store_rows(
         if ROT > 0:
             tl.store(OUT_PTR + base + i1, to_out(z1, OUT_PTR, NATIVE), mask=m1)
             tl.store(OUT_PTR + base + i2, to_out(z2, OUT_PTR, NATIVE), mask=m1)
-
-
-@triton.jit
-def _block_rows(pid, T, H: tl.constexpr, ROWS: tl.constexpr, ONE: tl.constexpr):
-    """``(t, h, rmask)`` of block ``pid``'s rows (row ``r`` is token ``r // H``, head ``r % H``).
-
-    ``ONE`` (ROWS divides H): the block is ROWS heads of one token, and ``t`` a scalar, so that
-    what depends on the token alone (position, table row, slot) is loaded once per thread.
-    """
-    if ONE:
-        t = (pid * ROWS) // H
-        h = (pid * ROWS) % H + tl.arange(0, ROWS)
-        return t, h, (h * 0 + t) < T
-    else:
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        return rows // H, rows % H, rows < T * H
-
-
-@triton.jit
-def _row_offsets(t, h, stride_t, stride_h, ONE: tl.constexpr):
-    """int64 ``[R, 1]`` offsets ``t * stride_t + h * stride_h`` (``t`` a scalar with ``ONE``)."""
-    if ONE:
-        return t.to(tl.int64) * stride_t + h.to(tl.int64)[:, None] * stride_h
-    else:
-        return (t.to(tl.int64) * stride_t)[:, None] + h.to(tl.int64)[:, None] * stride_h
 
 
 @triton.jit

@@ -15,7 +15,6 @@ registers live across it and more programs resident per SM.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +34,6 @@ from ..quant import fp8_max
 from .checks import RopePlan, RopeRequest
 
 __all__ = ["RopeTritonBackend", "launch_config"]
-
-logger = logging.getLogger(__name__)
 
 # Measured on an NVIDIA H200 (docs/benchmarks.md, qk_norm_rope section: the sweep at commit
 # 1f402e1; T=65536 from the A/B run there), Qwen3-8B shapes, CUDA-graph replay, µs per call, bf16 /
@@ -239,8 +236,7 @@ class RopeTritonBackend:
         if aligned and not (self._hooks.launch_enter_hook.calls or self._hooks.launch_exit_hook.calls):
             direct = self._direct.get(fast_key)
             if direct is not None:
-                merged = {**args, **constexprs}
-                values = [_pointer(merged[n]) for n in self._params]
+                values = self._values(args, constexprs)
                 direct(grid, self._stream(req.plan.device.index), values)
                 self._remember(req, direct, grid, values)
                 return
@@ -255,8 +251,12 @@ class RopeTritonBackend:
             direct = bind_direct(ck, [])
             if direct is not None:
                 self._direct[fast_key] = direct
-                merged = {**args, **constexprs}
-                self._remember(req, direct, grid, [_pointer(merged[n]) for n in self._params])
+                self._remember(req, direct, grid, self._values(args, constexprs))
+
+    def _values(self, args: dict[str, Any], constexprs: dict[str, Any]) -> list[Any]:
+        """Every kernel parameter in order, tensors as their pointers (what a direct launch passes)."""
+        merged = {**args, **constexprs}
+        return [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in map(merged.__getitem__, self._params)]
 
     def _remember(self, req: RopeRequest, direct: Callable[[int, int, list[Any]], None], grid: int,
                   values: list[Any]) -> None:  # fmt: skip
@@ -272,8 +272,6 @@ _TENSORS = {
     "V_CACHE_PTR": "v_cache", "SLOT_PTR": "slot_mapping", "K_SCALE_PTR": "k_scale", "V_SCALE_PTR": "v_scale",
     "Q_SCALE_PTR": "q_scale",
 }  # fmt: skip
-def _pointer(v: Any) -> Any:
-    return v.data_ptr() if isinstance(v, torch.Tensor) else v
 
 
 # Integer arguments Triton does not specialize on (the kernel's do_not_specialize list): a
