@@ -32,6 +32,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 ON_GPU = DEVICE.type == "cuda"
 ROWS = (2, 300, 3000, 20000) if ON_GPU else (2, 6, 20)
 Q_W, K_W, ROW = (1536, 512, 2112) if ON_GPU else (128, 64, 200)
+# Rows recomputed alone (the decode bucket): a sum of squares reduced in another order can give
+# another r by an ulp, which FP8 scales show; 16 rows leave little room for a chance agreement.
+HEAD = 16
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -49,12 +52,13 @@ def test_repeated_calls_give_identical_bits(backend: str, quant: str | None, m: 
     with using_backend(backend):
         first = _outputs(quant, q, qw, k, kw)
         second = _outputs(quant, q, qw, k, kw)
-        # The first two rows alone (a different m, grid and launch bucket) give the same rows;
+        # The first HEAD rows alone (a different m, grid and launch bucket) give the same rows;
         # a per-tensor scale sees all of q, so that mode is compared on repeated calls only.
-        head = None if quant == "fp8_tensor" else _outputs(quant, q[:2], qw, k[:2], kw)
+        h = min(HEAD, m)
+        head = None if quant == "fp8_tensor" else _outputs(quant, q[:h], qw, k[:h], kw)
     for a, b in zip(first, second):
         assert torch.equal(_bits(a), _bits(b))
     if head is not None:
-        for a, h in zip(first, head):
+        for a, hb in zip(first, head):
             if a.dim() == 2 and a.shape[0] == m:
-                assert torch.equal(_bits(a[:2]), _bits(h))
+                assert torch.equal(_bits(a[:h]), _bits(hb))

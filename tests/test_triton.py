@@ -438,7 +438,7 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
 def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     """The shape-only rule gives DeepSeek's shapes the configurations timed fastest on the H200
     (docs/benchmarks.md): decode with k in programs of its own and the tiles of every bucket; one
-    warp per quantizing q row (two for per-token FP8) with k apart up to 8192 rows; then one warp
+    warp per quantizing q row with k apart up to 8192 rows (FP8: from one row up); then one warp
     per q row, with its k row except for hardware-encoded FP8 groups."""
     be = TritonBackend()
     be.available()
@@ -449,19 +449,19 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
 
     for m in (1, 256):
         assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True)  # one tile in every bucket
-        assert config(QuantMode.FP8_TOKEN, m) == tb._Config(1, 1, 4)
-        assert config(QuantMode.FP8_GROUP, m) == tb._Config(1, 1, 4)  # the tiles of every bucket (batch invariance)
-        assert config(QuantMode.MXFP4, m) == tb._Config(1, 1, 4)
-    assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 1, 4, one_pass=True)  # one row: one launch
-    assert config(QuantMode.FP8_TENSOR, 2) == tb._Config(1, 1, 4)
+        assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4)  # four warps; k rows in blocks of 8
+    # FP8: one warp per q row in every bucket (batch invariance of the fp32 scales), k rows apart
+    # below 16384 rows, a q row's worth per program
+    for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR):
+        assert config(mode, 2) == config(mode, 256) == config(mode, 2048) == config(mode, 8192) == tb._Config(1, 4, 1)
+    assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
+    assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == tb._Config(1, 4, 1)
     # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
     caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}
     # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
     # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere)
     hw_fp8 = not be._interpret and not torch.version.hip and torch.cuda.get_device_capability() >= (8, 9)
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4, QuantMode.FP8_TENSOR):
-        two_warps = mode is QuantMode.FP8_TOKEN
-        assert config(mode, 4096) == config(mode, 8192) == tb._Config(1, 4, 2 if two_warps else 1)
         apart = mode is QuantMode.FP8_GROUP and hw_fp8
         big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
         assert config(mode, 16384) == config(mode, 65536) == big

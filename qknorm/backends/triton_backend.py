@@ -13,16 +13,19 @@ Heuristics (measured numbers in the notes block below)
   maxima are reductions within a thread and a few lanes. Rows whose padded width exceeds
   ``_MAX_SINGLE`` columns are processed one per program in ``_CHUNK``-column passes (sum of
   squares, [span amax], write), re-reading the row from L2.
-- Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program with about
-  ``_EPT_DECODE`` elements per thread, k rows in programs of their own; the q row keeps the
-  tiles of every other bucket (batch invariance, see :func:`_config`).
+- Decode (M <= 256; quantizing calls up to 2048 rows): one q row per program, k rows in
+  programs of their own; the q row keeps the tiles of every other bucket (batch invariance, see
+  :func:`_config`). The plain norm: about ``_EPT_DECODE`` elements per thread, one k row per
+  program; MXFP4 likewise with k rows in blocks of ``_TILE_NORM`` elements; FP8 as at prefill
+  (one warp per DeepSeek q row, k rows a q row's worth per program).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
-  rows); quantizing calls with one warp per q row (two for per-token FP8) and k rows in
-  programs of their own up to 8192 rows; above that, FP8 groups through the hardware e4m3fn
-  conversion keep that layout, and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and
-  per-tensor FP8) put each q row's k row in its program (no cross-warp reduction, and each
-  program mixes quantizing arithmetic with plain-norm memory traffic); DeepSeek's MXFP4
-  programs capped at 80 registers (:meth:`TritonBackend._register_cap`).
+  rows); quantizing calls with one warp per q row and k rows in programs of their own up to
+  8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
+  and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
+  k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
+  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers
+  (:meth:`TritonBackend._register_cap`). FP8 q rows are spread over the same warps in every
+  bucket (batch invariance of the fp32 scales).
 - Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
   ``_AMAX_PROGRAMS`` programs (:func:`_amax_launch`), then the quantizing launch, which walks
   q's rows from the last.
@@ -181,7 +184,7 @@ class _Plan:
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
     register_cap: int | None = None  # maxnreg of the one-warp k-with-q configuration (see _register_cap)
-    per_token: bool = False  # FP8 per token: two warps per q row in the mid bucket (see _bucket_config)
+    fp8: bool = False  # FP8 quantization: q rows over the same warps in every bucket (see _bucket_config)
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
@@ -203,7 +206,10 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     Measured on the H200 (see the notes at the top of this module and docs/benchmarks.md). Every
     bucket of a plan lays a q row out the same way, so that a row's sum of squares is reduced in
     the same order whatever the row count (batch invariance, tests/test_determinism.py): the
-    plain norm in one padded tile, the quantizing modes in tiles without padding.
+    plain norm in one padded tile over the same warps, FP8 in tiles without padding over the same
+    warps. MXFP4 rows are the same tiles over four warps at decode and one above: r can differ
+    by an ulp between the two (one warp at decode cost 0.3-0.6 µs); the E8M0 scales, E2M1 codes
+    and bf16 outputs of tests/test_determinism.py's rows came out identical all the same.
     """
     cfg = _bucket_config(plan, bucket)
     if plan.two_pass and bucket == _bucket(1) and _BUCKETS[bucket] == 1:
@@ -217,6 +223,14 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
     """Rows, warps and k placement per bucket (the q row layout is _config's)."""
     m_hi = _BUCKETS[bucket] if bucket < len(_BUCKETS) else 1 << 20
     q_tile, k_tile = plan.q_tile, plan.k_tile
+    k_apart = 1 if plan.k_chunked else max(1, q_tile // k_tile)  # k rows per program of their own: a q row's worth
+    # FP8 q rows are spread over the same warps in every bucket, so that a row's sum of squares is
+    # reduced in the same order whatever the row count: with four warps at decode and one above,
+    # the fp32 scales of 3 to 4 of 16 DeepSeek rows decoded alone differed in their last bit from
+    # the same rows in a batch of 3000 or 20000 (H200). One warp costs nothing at decode for FP8
+    # groups (1x128: 1.75 / 1.82 / 2.01 µs at M = 1 / 16 / 256 against 1.75 / 1.82 / 2.11 with four)
+    # and 0.1 µs at M <= 16 for per-token FP8 (1.68 against 1.55 at M = 1). H200, 2026-11-30.
+    fp8_warps = _warps(q_tile, _EPT_PREFILL if plan.q_chunked else _EPT_QUANT)
     if m_hi <= _DECODE_MAX_M or (plan.quantizes and m_hi <= _QUANT_DECODE_MAX_M):
         # Latency: k rows in programs of their own (with its q row, a program's two chains ran
         # one after the other: 1.81 against 1.37 µs at M = 1). The q row keeps the tiles of every
@@ -224,17 +238,23 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         # (batch invariance): one padded tile here was faster for the group modes (FP8 1x128 at
         # M = 1: 1.60 against 1.74 µs on the H200) but changed the last bits of r, and so of the
         # outputs, between a row decoded alone and the same row in a batch of 3000 or 20000.
+        if plan.fp8:
+            return _Config(1, k_apart, fp8_warps)
+        if plan.quantizes:
+            # MXFP4 keeps four warps per q row (one took 2.19 against 1.61 µs at M = 1) and puts
+            # k rows in blocks of the plain norm's prefill size (8 DeepSeek k rows): 1.61 / 1.68 /
+            # 2.13 against 1.76 / 1.87 / 2.28 µs with one k row per program at M = 1 / 16 / 256.
+            return _Config(1, max(1, _TILE_NORM // k_tile), _warps(q_tile, _EPT_DECODE))
         return _Config(1, 1, _warps(q_tile, _EPT_DECODE))
     if plan.q_chunked or plan.k_chunked:
-        return _Config(1, 1 if plan.k_chunked else max(1, q_tile // k_tile), _warps(q_tile, _EPT_PREFILL))
+        return _Config(1, 1 if plan.k_chunked else k_apart, fp8_warps if plan.fp8 else _warps(q_tile, _EPT_PREFILL))
     # The plain norm keeps one padded tile per row in every bucket: three tiles took 10.3-10.5
     # against 9.8-9.9 µs at M = 4096 (the 1.34 against 1.45 µs they took at M = 1 would break
     # batch invariance if taken there alone). H200, 2026-11-30.
-    k_apart = max(1, q_tile // k_tile)  # k rows per program of their own: a q row's worth
     if plan.quantizes and m_hi <= _QUANT_MID_MAX_M:
-        # A few waves of programs, k rows in programs of their own: one warp per q row (no
-        # cross-warp reduction), two for per-token FP8 (see the notes at the top of this module).
-        return _Config(1, k_apart, _warps(q_tile, _EPT_PREFILL if plan.per_token else _EPT_QUANT))
+        # A few waves of programs, k rows in programs of their own, one warp per q row (no
+        # cross-warp reduction; see the notes at the top of this module).
+        return _Config(1, k_apart, _warps(q_tile, _EPT_QUANT))
     if plan.quantizes and plan.hw_groups:
         # FP8 groups through the hardware conversion issue the fewest instructions per element:
         # k rows apart, as in the mid bucket (M = 16384 / 65536, 1x128: 29.7 / 107.5 against
@@ -362,10 +382,12 @@ class TritonBackend:
         from . import triton_quant_kernels as te
 
         if req.quant_dtype == torch.float8_e4m3fnuz:
-            # The integer encoder. Deriving fnuz bytes from the hardware e4m3fn conversion of 2v
-            # (fnuz is fn with the exponent bias one higher) took 10% fewer instructions, but with
-            # Triton 3.6 on the H200 its bytes came out of step with their values wherever a
-            # thread held one element per conversion (odd widths, unaligned rows): not used.
+            # The integer encoder. fnuz bytes are the hardware e4m3fn bytes of 2v (fnuz is fn with
+            # the exponent bias one higher) except at fnuz's 0x7F / 0xFF (fn's NaN; fn saturates
+            # to 0x7E), 0x80 (its NaN) and negative zero. Fixing those after the conversion
+            # unpacks every byte (sm_90, DeepSeek FP8 1x128: 1552 against 1592 instructions per
+            # program, where e4m3fn takes 1048); before it, the conversion cannot make 0xFF: it
+            # turns every NaN into 0x7F whatever its sign (H200, Triton 3.6). Not used.
             return te.FP8_SOFT_FNUZ.value
         hw = False  # the hardware's e4m3fn conversion (NVIDIA sm_89+); ROCm and the interpreter use software
         if req.device.type == "cuda" and torch.version.hip is None and not self._interpret:
@@ -397,7 +419,7 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False]), per_token=mode is QuantMode.FP8_TOKEN,
+            register_cap=self._register_cap(q_mode, tiles[False]), fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
         )  # fmt: skip
         self._plans[key] = plan
