@@ -70,7 +70,8 @@ logger = logging.getLogger(__name__)
 #   1/4/1 against 1/4/2: FP8 1x128 10.17 / 16.55 against 10.38 / 17.32; 1x32 8.89 / 15.51 against
 #   10.46 / 17.19; MXFP4 11.30 / 19.59 against 11.98 / 20.34; e4m3fnuz 1x128 11.57 / 19.95 against
 #   12.34 / 21.23; per-tensor 16.01 / 25.76 against 16.06 / 26.38; per-token 10.47 / 16.83
-#   against 10.03 / 16.61 (it keeps two warps).
+#   against 10.03 / 16.61 (two warps were faster, but one warp in every bucket keeps its scales
+#   batch invariant: see _bucket_config).
 #   1/4/1 against 1/1/1 k-with-q at 16384 / 65536: FP8 1x128 29.72 / 107.50 against 30.88 /
 #   109.25, 1x64 29.68 / 107.82 against 30.79 / 109.38, 1x32 28.81 / 107.75 against 31.04 /
 #   110.21; but e4m3fnuz 1x128 35.86 / 135.71 against 34.38 / 122.36, MXFP4 35.21 / 132.45
