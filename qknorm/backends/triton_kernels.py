@@ -13,8 +13,9 @@ Absent tensors are passed as ``None`` (Triton compiles the code that would use t
 
 Numerics as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
 ``r = rsqrt(sum(x^2) * fl32(1/n) + eps)`` (within ~2 ulp of r, as SPEC §4.2 allows),
-``y = (x * r) * w``; quantization reads the fp32 ``y``; ``y / scale`` is correctly rounded
-(:func:`~.triton_quant_kernels.quotient`); amax is a NaN-propagating max of ``|y|`` as in torch.amax.
+``y = (x * r) * w``; quantization reads the fp32 ``y``; FP8 values are ``y * RN(1 / scale)``
+(:func:`~.triton_quant_kernels.fp8_codes`, as SPEC §4 rule 7 allows); amax is a NaN-propagating
+max of ``|y|`` as in torch.amax.
 Per-tensor FP8 is two launches (see the kernel's docstring).
 """
 
@@ -116,11 +117,11 @@ def _write_tile(
         tl.store(OUT_PTR + rows * out_stride + cols, to_out(y, OUT_PTR, NATIVE_CAST), mask=mask)
     if Q_MODE == Q_GROUP:
         gscale = nan_amax(y, 2, True) * INV_FMAX
-        codes = fp8_codes(y, gscale, FP8_ENC, FMA)
+        codes = fp8_codes(y, gscale, FP8_ENC)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, gscale, mask=gmask)
     elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
-        codes = fp8_codes(y, scale, FP8_ENC, FMA)
+        codes = fp8_codes(y, scale, FP8_ENC)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
     elif Q_MODE == Q_MXFP4:
         e, inv = e8m0(nan_amax(y, 2, True))
