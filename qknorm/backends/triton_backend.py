@@ -248,7 +248,7 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
             return _Config(1, max(1, _TILE_NORM // k_tile), _warps(q_tile, _EPT_DECODE))
         return _Config(1, 1, _warps(q_tile, _EPT_DECODE))
     if plan.q_chunked or plan.k_chunked:
-        return _Config(1, 1 if plan.k_chunked else k_apart, fp8_warps if plan.fp8 else _warps(q_tile, _EPT_PREFILL))
+        return _Config(1, k_apart, fp8_warps if plan.fp8 else _warps(q_tile, _EPT_PREFILL))
     # The plain norm keeps one padded tile per row in every bucket: three tiles took 10.3-10.5
     # against 9.8-9.9 µs at M = 4096 (the 1.34 against 1.45 µs they took at M = 1 would break
     # batch invariance if taken there alone). H200, 2026-11-30.
