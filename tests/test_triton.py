@@ -171,6 +171,42 @@ def test_e2m1_codes_of_scaled_values_match_the_reference(fma: bool) -> None:
 
 
 @triton.jit
+def _fp8_codes_kernel(Y_PTR, S_PTR, OUT_PTR, n, FP8_ENC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(Y_PTR + offs, mask=mask, other=0.0)
+    s = tl.load(S_PTR + offs, mask=mask, other=1.0)
+    tl.store(OUT_PTR + offs, tq.fp8_codes(y, s, FP8_ENC), mask=mask)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("native", [False, True] if NATIVE else [False], ids=lambda n: "hw" if n else "sw")
+def test_fp8_codes_are_the_cast_of_y_times_the_rounded_reciprocal(fp8: torch.dtype, native: bool) -> None:
+    """Rule 7 as the kernels compute it: torch's cast of ``y * (1 / scale)`` (fp32 reciprocal and
+    product, each correctly rounded), for y within a group's ``+-amax`` and scale ``amax / FMAX``;
+    an infinite scale gives zeros of y's sign."""
+    fmax = FP8_FORMATS[fp8].fmax
+    gen = torch.Generator().manual_seed(3)
+    amax = torch.exp(torch.empty(20_000).uniform_(-20, 12, generator=gen)).float()
+    scale = amax * torch.tensor(1.0 / fmax, dtype=torch.float32)
+    y = ((torch.rand(20_000, generator=gen) * 2 - 1) * amax).float()
+    y[:50] = amax[:50] * torch.where(torch.arange(50) % 2 == 0, 1.0, -1.0)  # the group maxima: +-FMAX
+    y[50:60], scale[50:60] = torch.tensor([0.0, -0.0, 1.0, -1.0, 3e30, -3e30, 0.0, -0.0, 2.0, -2.0]), math.inf
+    if native and fp8 == torch.float8_e4m3fnuz:
+        pytest.skip("e4m3fnuz has no hardware encoder here")
+    enc = tq.FP8_HW_FN if native else tq.FP8_SOFT_FNUZ if fp8 == torch.float8_e4m3fnuz else tq.FP8_SOFT_FN
+    codes = torch.empty(y.numel(), dtype=torch.uint8, device=DEVICE)
+    _fp8_codes_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(DEVICE), scale.to(DEVICE), codes, y.numel(),
+                                                       FP8_ENC=enc.value, BLOCK=1024)  # fmt: skip
+    v = y * (1.0 / scale)
+    expected = v.clamp(-fmax, fmax).to(fp8).view(torch.uint8)
+    if fp8 == torch.float8_e4m3fnuz:  # torch keeps the sign of a zero; e4m3fnuz has no negative zero
+        expected = torch.where(expected == 0x80, 0, expected)
+    bad = codes.cpu() != expected
+    assert not bad.any(), f"{int(bad.sum())} codes differ, e.g. y={y[bad][:4].tolist()} scale={scale[bad][:4].tolist()}"
+
+
+@triton.jit
 def _quotient_kernel(Y_PTR, D_PTR, OUT_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
