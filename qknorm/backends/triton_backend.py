@@ -244,7 +244,7 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         if plan.quantizes:
             # MXFP4 keeps four warps per q row (one took 2.19 against 1.61 µs at M = 1) and puts
             # k rows in blocks of the plain norm's prefill size (8 DeepSeek k rows): 1.61 / 1.68 /
-            # 2.13 against 1.76 / 1.87 / 2.28 µs with one k row per program at M = 1 / 16 / 256.
+            # 2.13 against 1.75 / 1.85 / 2.29 µs with one k row per program at M = 1 / 16 / 256.
             return _Config(1, max(1, _TILE_NORM // k_tile), _warps(q_tile, _EPT_DECODE))
         return _Config(1, 1, _warps(q_tile, _EPT_DECODE))
     if plan.q_chunked or plan.k_chunked:
