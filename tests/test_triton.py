@@ -502,6 +502,16 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
         assert config(mode, 16384) == config(mode, 65536) == big
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
+    # e4m3fnuz groups (the integer encoder everywhere) are capped at 80 registers like MXFP4
+    for gs in (128, 64, 32):
+        req, _ = _mode_request(QuantMode.FP8_GROUP, 2, 1536, 512)
+        fnuz = build_request(
+            q=req.q, q_weight=req.q_weight, q_epsilon=1e-6, k=req.k, k_weight=req.k_weight, k_out=req.k_out,
+            mode=QuantMode.FP8_GROUP, group_size=gs, q_out_quantized=torch.empty(2, 1536, dtype=torch.float8_e4m3fnuz,
+            device=DEVICE), q_out_scale=torch.empty(2, 1536 // gs, dtype=torch.float32, device=DEVICE),
+        )  # fmt: skip
+        cap = None if be._interpret or torch.version.hip else 80
+        assert tb._config(be._plan(fnuz, fnuz.key()), tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, maxnreg=cap)
 
 
 def test_per_tensor_amax_launch_loops_with_larger_blocks_only_past_its_program_cap() -> None:

@@ -23,7 +23,7 @@ Heuristics (measured numbers in the notes block below)
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
   and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
-  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers
+  with plain-norm memory traffic); DeepSeek's MXFP4 and e4m3fnuz-group programs capped at 80 registers
   (:meth:`TritonBackend._register_cap`). FP8 q rows are spread over the same warps in every
   bucket (batch invariance of the fp32 scales).
 - Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
@@ -420,26 +420,41 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False]), fp8=is_fp8,
+            register_cap=self._register_cap(q_mode, tiles[False], constexprs["FP8_ENC"]), fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
 
-    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
+    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int], fp8_enc: int) -> int | None:
         """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM.
 
-        MXFP4 only, and only for q rows held as three tiles of 16 groups of 32 (DeepSeek's 1536:
-        48 elements per thread), the layout measured: sm_90 ptxas (Triton 3.6) gives it 91 registers
-        (21 one-warp programs per SM) and 80 without spilling (25). H200, M = 65536 / 16384:
-        112.9-113.4 / 32.3 µs capped against 114.6-115.4 / 32.6-32.8. Caps gained nothing for the
-        FP8 modes (e4m3fnuz 1x128 at 96 of its 119: 123.2 against 123.0 µs at M = 65536) or spilled
-        (per-tensor e4m3fnuz at 96), and a cap above a kernel's own count lets ptxas take more
-        registers than it needs (e4m3fnuz per token: 71 uncapped, 96 under a cap of 96).
+        Only for DeepSeek's q rows (1536 columns as three tiles: 48 elements per thread), the
+        layouts measured, and only for the modes whose integer encoders leave the programs
+        issue-bound with registers to spare: MXFP4 and e4m3fnuz groups. sm_90 ptxas (Triton 3.6)
+        gives them 89 and 95-96 registers (21 one-warp programs per SM); at 80, 25 fit.
+        H200, strided inputs, M = 65536 / 16384:
+
+        - MXFP4 (16 groups of 32 per tile, no spill at 80): 112.9-113.4 / 32.3 µs capped against
+          114.6-115.4 / 32.6-32.8; caps of 72 and 64 spill and were slower (113.8 / 118.8 µs).
+        - e4m3fnuz groups of 128 and 32 (24 and 16 bytes of spill at 80): 112.9 / 32.1 and
+          113.4 / 32.4 µs against 115.7 / 32.5 and 115.7 / 32.6 uncapped; 88 (no spill, 23 per
+          SM) gained nothing.
+
+        Caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66: 110.5
+        against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need).
         """
-        if self._interpret or torch.version.hip is not None or tiles != (16, 3, 32):
+        if self._interpret or torch.version.hip is not None:
             return None
-        return 80 if q_mode == self._kernels.Q_MXFP4.value else None
+        from . import triton_quant_kernels as te
+
+        kn = self._kernels
+        if q_mode == kn.Q_MXFP4.value and tiles == (16, 3, 32):
+            return 80
+        if (q_mode == kn.Q_GROUP.value and fp8_enc == te.FP8_SOFT_FNUZ.value
+                and tiles in ((4, 3, 128), (8, 3, 64), (16, 3, 32))):  # fmt: skip
+            return 80
+        return None
 
     # -- launching
 
