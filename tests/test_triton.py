@@ -471,6 +471,41 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
         assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("mode", [QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN], ids=lambda m: m.value)
+@pytest.mark.parametrize("m", [2, 20000] if ON_GPU else [2], ids=lambda m: f"m{m}")
+def test_a_nan_amax_beside_finite_values_gives_nan_codes(mode: QuantMode, fp8: torch.dtype, m: int) -> None:
+    """A scale that is NaN while most of its group is finite: y / NaN is NaN for every element.
+
+    Row 0 has an infinite q element (r = 0: y is 0 except NaN there); the weight has a NaN column
+    (one NaN y per row). The scale is then the NaN the device's arithmetic makes (0x7FFFFFFF on
+    NVIDIA), not torch's; the codes of its group (row, per token) must all be NaN, as the
+    reference's, and every other group match it."""
+    gen = torch.Generator().manual_seed(11)
+    n1 = 64
+    q = torch.randn(m, n1, generator=gen)
+    q[0, 3] = math.inf
+    qw = 1 + 0.1 * torch.randn(n1, generator=gen)
+    qw[40] = math.nan
+    q, qw = q.to(torch.bfloat16).to(DEVICE), qw.to(torch.bfloat16).to(DEVICE)
+    gs = 16 if mode is QuantMode.FP8_GROUP else None
+    cols = n1 // 16 if mode is QuantMode.FP8_GROUP else 1
+
+    def build():
+        return build_request(
+            q=q, q_weight=qw, q_epsilon=1e-6, mode=mode, group_size=gs,
+            q_out_quantized=torch.empty(m, n1, dtype=fp8, device=DEVICE),
+            q_out_scale=torch.empty(m, cols, dtype=torch.float32, device=DEVICE),
+        )  # fmt: skip
+
+    actual, expected = build(), build()
+    TritonBackend().run(actual)
+    qk_rmsnorm_reference(expected)
+    assert bool(torch.isnan(expected.q_scale[0, 0]))  # the case is what it says
+    assert_fp8_close(actual.q_quant, expected.q_quant)  # type: ignore[arg-type]
+    assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
+
+
 def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     """The shape-only rule gives DeepSeek's shapes the configurations timed fastest on the H200
     (docs/benchmarks.md): decode with k in programs of its own and the tiles of every bucket; one
