@@ -478,9 +478,9 @@ def test_a_nan_amax_beside_finite_values_gives_nan_codes(mode: QuantMode, fp8: t
     """A scale that is NaN while most of its group is finite: y / NaN is NaN for every element.
 
     Row 0 has an infinite q element (r = 0: y is 0 except NaN there); the weight has a NaN column
-    (one NaN y per row). The scale is then the NaN the device's arithmetic makes (0x7FFFFFFF on
-    NVIDIA), not torch's; the codes of its group (row, per token) must all be NaN, as the
-    reference's, and every other group match it."""
+    (one NaN y per row). The scale is then a NaN made by the device's arithmetic, with its payload
+    (PTX documents 0x7FFFFFFF, an all-ones significand), not torch's; the codes of its group (row,
+    per token) must all be NaN, as the reference's, and every other group match it."""
     gen = torch.Generator().manual_seed(11)
     n1 = 64
     q = torch.randn(m, n1, generator=gen)
