@@ -207,6 +207,34 @@ def test_fp8_codes_are_the_cast_of_y_times_the_rounded_reciprocal(fp8: torch.dty
 
 
 @triton.jit
+def _reciprocal_kernel(D_PTR, OUT_PTR, n, NEWTON: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(OUT_PTR + offs, tq.reciprocal(tl.load(D_PTR + offs, mask=mask, other=1.0), NEWTON), mask=mask)
+
+
+@pytest.mark.parametrize("newton", [False, True], ids=["div_rn", "newton"])
+def test_reciprocal_is_ieee_division_for_every_significand(newton: bool) -> None:
+    """reciprocal() against IEEE 1 / d: on the GPU every significand in eight binades spanning the
+    scales' range (2^-43 .. 2^125), which is every significand the approximate reciprocal and the
+    iteration see (exponents only scale them); under the interpreter every 64th; and inf, NaN."""
+    if newton and not NATIVE:
+        pytest.skip("the iteration is NVIDIA's compiled path (the interpreter rounds fma's product)")
+    step = 1 if DEVICE.type == "cuda" else 64
+    mant = torch.arange(0, 1 << 23, step, dtype=torch.int64)
+    mant = torch.cat((mant, torch.tensor([(1 << 23) - 1, (1 << 23) - 2, 1])))  # all ones (Markstein's exception)
+    exps = torch.tensor([127 - 43, 127 - 20, 126, 127, 128, 127 + 30, 127 + 100, 127 + 125], dtype=torch.int64)
+    bits = ((exps[:, None] << 23) | mant[None, :]).flatten().to(torch.int32)
+    d = torch.cat((bits.view(torch.float32), torch.tensor([math.inf, math.nan]))).to(DEVICE)
+    out = torch.empty_like(d)
+    _reciprocal_kernel[(triton.cdiv(d.numel(), 4096),)](d, out, d.numel(), NEWTON=newton, BLOCK=4096)
+    expected = (1.0 / d.double()).float()  # exact quotient, one rounding
+    assert out[-2].item() == 0.0 and math.isnan(out[-1].item())
+    bad = out[:-2] != expected[:-2]
+    assert not bool(bad.any()), f"{int(bad.sum())} reciprocals differ, e.g. d={d[:-2][bad][:4].tolist()}"
+
+
+@triton.jit
 def _quotient_kernel(Y_PTR, D_PTR, OUT_PTR, n, FMA: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
