@@ -178,10 +178,10 @@ def reciprocal(d, NEWTON: tl.constexpr):
     first step brings r within an ulp, the second rounds it correctly (Markstein's iteration),
     except for a significand of all ones, where the exact 1 / d lies 2^-48 above a midpoint the
     iteration lands on, and which is set directly (RN(1 / ((2 - 2^-23) 2^k)) = (1 + 2^-23) 2^-(k+1)).
-    Every significand is checked against IEEE division on the GPU (tests/test_triton.py). About
-    eight instructions per scale and no branch, where ``div_rn`` takes about ten and a branch
-    region around its slow path, a barrier to the scheduler: an FP8 group program waited on one
-    per tile, one after another. Otherwise (the interpreter, ROCm): ``div_rn``.
+    Every significand is checked against IEEE division on the GPU (tests/test_triton.py). About a
+    dozen instructions per scale and no branch, where ``div_rn`` puts a branch region around its
+    slow path, a barrier to the scheduler: an FP8 group program waited on one per tile, one after
+    another. Otherwise (the interpreter, ROCm): ``div_rn``.
     """
     one = tl.full(d.shape, 1.0, tl.float32)
     if NEWTON:
