@@ -192,7 +192,8 @@ def reciprocal(d, NEWTON: tl.constexpr):
         # an all-ones significand: d = 2^(E+1) (1 - 2^-24) -> 2^-(E+1) (1 + 2^-23), whose exponent
         # field is 253 minus d's
         ones = ((253 - ((bits >> 23) & 0xFF)) << 23 | 1).to(tl.float32, bitcast=True)
-        r = tl.where((bits & 0x7FFFFF) == 0x7FFFFF, ones, r)
+        # (finite d only: the GPU's canonical NaN, 0x7FFFFFFF, has an all-ones significand too)
+        r = tl.where(((bits & 0x7FFFFF) == 0x7FFFFF) & (d < float("inf")), ones, r)
         return tl.where(d == float("inf"), 0.0, r)
     else:
         return _div(one, d)
