@@ -144,7 +144,7 @@ def _rows(
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
-    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr, W_FIRST: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole rows in registers as NT (1 to 3) tiles a, b, c of the same shape [ROWS, NG, GS].
 
@@ -153,21 +153,36 @@ def _rows(
     Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX mode, else 0.
     """
     rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS)
-    xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+    if NT > 1:
+        _, gb, colb, maskb, gmaskb, _ = _tile(row0, M, N, ROWS, NG, NG, GS)
+    if NT > 2:
+        _, gc, colc, maskc, gmaskc, _ = _tile(row0, M, N, ROWS, 2 * NG, NG, GS)
     # The weights are loaded at the tile's full shape (repeats hit L1): a [1, NG, GS] load would
     # get a layout of its own and cost a shared-memory layout conversion of the whole tile.
     zero = (rows * 0).to(tl.int32)
-    wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
+    if W_FIRST:
+        # ptxas issues the weight loads after the sum of squares has waited for x (two memory
+        # round trips before the first store); loads are not moved across a barrier, so with
+        # the weights requested first and a barrier between, both are in flight together.
+        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
+        if NT > 1:
+            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
+        if NT > 2:
+            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
+        tl.debug_barrier()
+    xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+    if not W_FIRST:
+        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
     ss = xa * xa
     if NT > 1:
-        _, gb, colb, maskb, gmaskb, _ = _tile(row0, M, N, ROWS, NG, NG, GS)
         xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
-        wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
+        if not W_FIRST:
+            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
         ss += xb * xb
     if NT > 2:
-        _, gc, colc, maskc, gmaskc, _ = _tile(row0, M, N, ROWS, 2 * NG, NG, GS)
         xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
-        wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
+        if not W_FIRST:
+            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
         ss += xc * xc
     rstd = _rstd(_row_sum(ss, ROWS), N, eps)
     ya = (xa * rstd) * wa
@@ -275,6 +290,7 @@ def _q_block(
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, SPAN: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    W_FIRST: tl.constexpr,
 ):  # fmt: skip
     """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups.
 
@@ -292,7 +308,7 @@ def _q_block(
             blk * ROWS, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
         )  # fmt: skip
 
 
@@ -301,6 +317,7 @@ def _k_block(
     blk, M, eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, GEMMA: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
+    W_FIRST: tl.constexpr,
 ):  # fmt: skip
     """k row block ``blk``: the plain norm into k_out (no residual, never quantized)."""
     if CHUNKED:
@@ -311,7 +328,7 @@ def _k_block(
     else:
         _rows(
             blk * ROWS, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
-            None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA,
+            None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA, W_FIRST,
         )  # fmt: skip
 
 
@@ -348,6 +365,7 @@ def _qk_rmsnorm_kernel(
     AMAX_BLOCK: tl.constexpr,  # Q_TENSOR: power of two >= amax_count
     NATIVE_CAST: tl.constexpr,  # hardware RNE fp32 -> bf16 usable
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
+    W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (decode: see _rows)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -368,7 +386,7 @@ def _qk_rmsnorm_kernel(
                     blk, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                     None, None, None, None, None, None, None, None, None,
                     N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
                 ))  # fmt: skip
                 blk += q_programs
             tl.store(AMAX_PTR + pid, amax)
@@ -390,15 +408,15 @@ def _qk_rmsnorm_kernel(
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
             )  # fmt: skip
             if K_WITH_Q:
                 _k_block(
                     blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
-                    N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA,
+                    N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
                 )  # fmt: skip
     elif K_PTR is not None:
         _k_block(
             pid - q_programs, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
-            N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA,
+            N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
         )  # fmt: skip
