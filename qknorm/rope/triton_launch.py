@@ -6,10 +6,10 @@ Heuristics
 A program owns a block of (token, head) rows of q, or of k (with their v rows and cache
 writes). Three token-count buckets (``_BUCKETS``) fix the elements a block holds, the elements
 each thread holds (which gives the warps) and the load order. Decode sizes are latency bound:
-small blocks (more programs, each a short chain) with every load issued before the norm's
-reduction, so that a program waits for two dependent memory round trips (position, then
-cos/sin) instead of three (x, then position, then cos/sin; a k program's v rows were a fourth). Prefill sizes are bandwidth bound: fuller blocks with many elements
-per thread, and the weights, cos/sin and v rows loaded after the reduction, which keeps fewer
+small blocks (more programs, each a short chain) with every load before the norm's reduction
+in program order (measured faster there; ptxas still chooses the issue order, see
+``_norm_rope_rows``). Prefill sizes are bandwidth bound: fuller blocks with many elements per
+thread, and the weights, cos/sin and v rows loaded after the reduction, which keeps fewer
 registers live across it and more programs resident per SM.
 """
 
