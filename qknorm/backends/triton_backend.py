@@ -26,6 +26,8 @@ Heuristics (measured numbers in the notes block below)
   with plain-norm memory traffic); DeepSeek's MXFP4 and e4m3fnuz-group programs capped at 80 registers
   (:meth:`TritonBackend._register_cap`). FP8 q rows are spread over the same warps in every
   bucket (batch invariance of the fp32 scales).
+- Load order: where measured faster, a program requests its weights before x, behind a
+  barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
 - Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
   ``_AMAX_PROGRAMS`` programs (:func:`_amax_launch`), then the quantizing launch, which walks
   q's rows from the last.
@@ -284,6 +286,9 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
             # MXFP4 keeps four warps per q row (one took 2.19 against 1.61 µs at M = 1) and puts
             # k rows in blocks of the plain norm's prefill size (8 DeepSeek k rows): 1.61 / 1.68 /
             # 2.13 against 1.75 / 1.85 / 2.29 µs with one k row per program at M = 1 / 16 / 256.
+            # Up to 2048 rows: one warp per q row (the next bucket's layout) was faster only near
+            # the top of that bucket (weights first: 6.62 against 7.23 µs at M = 2048, 5.24
+            # against 4.78 at 1024, 2.52 against 2.28 at 257).
             return _Config(1, max(1, _TILE_NORM // k_tile), _warps(q_tile, _EPT_DECODE))
         return _Config(1, 1, _warps(q_tile, _EPT_DECODE))
     if plan.q_chunked or plan.k_chunked:
