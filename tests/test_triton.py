@@ -349,6 +349,10 @@ _CPU_CASES = [
     Case(entry="unified", mode="fp8_tensor", m=1, n1=64, n2=8, scale_2d=True, unquantized=True),
     Case(entry="functional", mode="fp8_tensor", dtype="bfloat16", m=1, n1=33, n2=5, fp8="float8_e4m3fnuz"),
     Case(entry="unified", mode="fp8_tensor", m=1, n1=48, data="nan", seed=3),
+    # Up to 16 rows: per-tensor FP8 in one launch, every q row in one program; 17: two launches.
+    Case(entry="unified", mode="fp8_tensor", m=16, n1=64, n2=8, out_pad=2),
+    Case(entry="unified", mode="fp8_tensor", m=9, n1=48, n2=8, data="inf", seed=4),
+    Case(entry="functional", mode="fp8_tensor", dtype="bfloat16", m=17, n1=48, n2=8, fp8="float8_e4m3fnuz"),
 ]
 # The chunked path with 16-column chunks: spans wider than a chunk (group 32/64, per token,
 # per tensor), groups narrower than a chunk, MXFP4, k chunked too, widths not a chunk multiple.
@@ -563,10 +567,14 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     # below 16384 rows, a q row's worth per program
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR):
         for m in (2, 256, 2048, 8192):
+            if mode is QuantMode.FP8_TENSOR and m <= 16:
+                continue
             first = not rocm and ((mode is QuantMode.FP8_GROUP and hw_fp8)
                                   or (m > 256 and mode is not QuantMode.FP8_TENSOR))  # fmt: skip
             assert config(mode, m) == tb._Config(1, 4, 1, w_first=first), (mode, m)
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
+    # up to 16 rows: one launch, all of q in one program (16 warps, one per row)
+    assert config(QuantMode.FP8_TENSOR, 2) == config(QuantMode.FP8_TENSOR, 16) == tb._Config(16, 4, 16, one_program=True)
     assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == tb._Config(1, 4, 1, w_first=not rocm)
     # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
     caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}

@@ -102,6 +102,7 @@ _TILE_NORM = 4096  # elements per program of the plain norm at prefill sizes (2 
 # reversed main launch. Without a loop (q in at most _AMAX_PROGRAMS blocks of 8192 elements) the
 # smaller blocks spread over more programs: 4.17 against 4.50 µs at M = 256.
 _AMAX_PROGRAMS = 256
+_TENSOR_ONE_MAX_M = 16  # per-tensor FP8 up to this many rows: one launch, one q program (_config)
 _AMAX_ONE_BLOCK = (8192, 8)  # (elements per block, warps) when each program takes one block
 _AMAX_LOOPING = (16384, 16)  # ... when the programs loop over blocks
 
@@ -173,6 +174,7 @@ class _Config:
     k_with_q: bool = False  # q program p also normalizes k row block p (k_rows is then q_rows)
     one_tile: bool = False  # q rows in one padded power-of-two tile (the plain norm; see _config)
     one_pass: bool = False  # per-tensor FP8 of a single row: one launch, quantized as per-token
+    one_program: bool = False  # per-tensor FP8 of a few rows: one launch, every q row in one program
     maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
     w_first: bool = False  # weights requested before x, behind a barrier (decode sizes; see _bucket_config)
 
@@ -221,13 +223,18 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     by an ulp between the two (one warp at decode cost 0.3-0.6 µs); the E8M0 scales, E2M1 codes
     and bf16 outputs of tests/test_determinism.py's rows came out identical all the same.
     """
+    m_hi = _bucket_hi(bucket)
     cfg = _bucket_config(plan, bucket)
-    if _weights_first(plan, _bucket_hi(bucket)):
+    if _weights_first(plan, m_hi):
         cfg = replace(cfg, w_first=True)
-    if plan.two_pass and bucket == _bucket(1) and _BUCKETS[bucket] == 1:
+    if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
         return replace(cfg, one_pass=True)
+    if plan.two_pass and not plan.q_chunked and m_hi <= _TENSOR_ONE_MAX_M:
+        # A few rows: one q program holds them all and reduces their amax itself, one launch
+        # instead of the amax launch and the quantizing one.
+        return replace(cfg, q_rows=m_hi, num_warps=_warps(m_hi * plan.q_tile, _EPT_QUANT), one_program=True)
     return cfg if plan.quantizes else replace(cfg, one_tile=True)
 
 
@@ -532,6 +539,8 @@ class TritonBackend:
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
+        elif cfg.one_program:
+            consts["Q_MODE"] = self._kernels.Q_TENSOR_ONE.value
         launch = _Launch(consts, [consts[n] for n in self._constexpr_names], k_with_q)
         plan.launches[cfg] = launch
         return launch
@@ -576,7 +585,7 @@ class TritonBackend:
         if plan.fnuz_view and "Q_QUANT_PTR" in tensors:
             tensors["Q_QUANT_PTR"] = tensors["Q_QUANT_PTR"].view(torch.uint8)
         args.update(tensors)
-        if plan.two_pass and not cfg.one_pass:
+        if plan.two_pass and not (cfg.one_pass or cfg.one_program):
             self._launch_two_pass(grid, cfg, args, launch.consts)
             return
         compiled = self._compile_launch(grid, cfg, {**args, **launch.consts})

@@ -16,7 +16,7 @@ Numerics as :mod:`qknorm.reference`: fp32 throughout, ``x = q (+ residual)``,
 ``y = (x * r) * w``; quantization reads the fp32 ``y``; FP8 values are ``y * RN(1 / scale)``
 (:func:`~.triton_quant_kernels.fp8_codes`, as SPEC §4 rule 7 allows); amax is a NaN-propagating
 max of ``|y|`` as in torch.amax.
-Per-tensor FP8 is two launches (see the kernel's docstring).
+Per-tensor FP8 is two launches, or one for a few rows (see the kernel's docstring).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ Q_ROW = tl.constexpr(2)  # FP8, one scale per row span (per-token, or groups wid
 Q_TENSOR = tl.constexpr(3)  # FP8 with a scale from the per-program amax partials of a first launch
 Q_MXFP4 = tl.constexpr(4)  # E2M1 nibbles + E8M0 scale byte per [row, GS group]
 Q_AMAX = tl.constexpr(5)  # first launch of per-tensor FP8: per-program amax of y, no other write
+Q_TENSOR_ONE = tl.constexpr(6)  # FP8 per tensor with every q row in one program (one launch)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -120,7 +121,7 @@ def _write_tile(
         codes = fp8_codes(y, gscale, FP8_ENC)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
         tl.store(SCALE_PTR + rows * scale_stride_m + g.to(tl.int64) * scale_stride_g, gscale, mask=gmask)
-    elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR:
+    elif Q_MODE == Q_ROW or Q_MODE == Q_TENSOR or Q_MODE == Q_TENSOR_ONE:
         codes = fp8_codes(y, scale, FP8_ENC)
         tl.store(QUANT_PTR + rows * quant_stride + cols, codes.to(QUANT_PTR.dtype.element_ty, bitcast=True), mask=mask)
     elif Q_MODE == Q_MXFP4:
@@ -194,13 +195,16 @@ def _rows(
         yc = (xc * rstd) * wc
         a = max_nan(a, tl.abs(yc))
     amax = 0.0
-    if Q_MODE == Q_ROW or Q_MODE == Q_AMAX:
+    if Q_MODE == Q_ROW or Q_MODE == Q_AMAX or Q_MODE == Q_TENSOR_ONE:
         amax = _row_amax(a, ROWS)
         if Q_MODE == Q_ROW:
             scale = amax * INV_FMAX
             tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
         elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
             amax = tl.reduce(tl.where(rmask, amax, 0.0), None, max_nan)
+        if Q_MODE == Q_TENSOR_ONE:
+            scale = amax * INV_FMAX
+            tl.store(SCALE_PTR, scale)
     if Q_MODE != Q_AMAX:
         _write_tile(
             xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
@@ -359,7 +363,7 @@ def _qk_rmsnorm_kernel(
     K_CHUNKED: tl.constexpr,
     K_WITH_Q: tl.constexpr,  # q program p also normalizes k row block p (K_ROWS == Q_ROWS)
     GEMMA: tl.constexpr,
-    Q_MODE: tl.constexpr,  # one of Q_NONE .. Q_AMAX
+    Q_MODE: tl.constexpr,  # one of Q_NONE .. Q_TENSOR_ONE
     INV_FMAX: tl.constexpr,  # fl32(1/FMAX) of the FP8 flavour
     FP8_ENC: tl.constexpr,  # how FP8 bytes are made (triton_quant_kernels.FP8_*)
     AMAX_BLOCK: tl.constexpr,  # Q_TENSOR: power of two >= amax_count
@@ -374,7 +378,8 @@ def _qk_rmsnorm_kernel(
     ``scale = max(1e-10, amax) * fl32(1/FMAX)`` or MXFP4 nibbles with an E8M0 exponent.
     Per-tensor FP8 is two launches: Q_AMAX writes each program's amax to AMAX_PTR, then
     Q_TENSOR reduces those partials in every program (program 0 stores the scale) and walks
-    q's row blocks from the last to the first.
+    q's row blocks from the last to the first; or, for a few rows, one launch whose one q
+    program holds them all (Q_TENSOR_ONE).
     """
     pid = tl.program_id(0)
     if pid < q_programs:
