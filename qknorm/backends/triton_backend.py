@@ -231,9 +231,12 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
         return replace(cfg, one_pass=True)
-    if plan.two_pass and not plan.q_chunked and m_hi <= _TENSOR_ONE_MAX_M:
+    if plan.two_pass and not plan.q_chunked and not plan.fnuz_view and m_hi <= _TENSOR_ONE_MAX_M:
         # A few rows: one q program holds them all and reduces their amax itself, one launch
-        # instead of the amax launch and the quantizing one.
+        # instead of the amax launch and the quantizing one. H200, DeepSeek shapes, strided:
+        # 3.49-3.54 -> 2.55-2.57 µs at M = 2, 3.70-3.71 -> 2.97 at 16. e4m3fnuz, whose integer
+        # encoder then runs in 16 warps of one program, got slower (3.89-3.91 -> 4.02-4.03 at
+        # M = 2, 4.10-4.13 -> 4.39-4.43 at 16) and keeps the two launches.
         return replace(cfg, q_rows=m_hi, num_warps=_warps(m_hi * plan.q_tile, _EPT_QUANT), one_program=True)
     return cfg if plan.quantizes else replace(cfg, one_tile=True)
 
