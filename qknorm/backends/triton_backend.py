@@ -28,7 +28,8 @@ Heuristics (measured numbers in the notes block below)
   bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
   barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
-- Per-tensor FP8: a single row is one per-token launch; otherwise an amax launch of at most
+- Per-tensor FP8: a single row is one per-token launch; up to ``_TENSOR_ONE_MAX_M`` rows
+  (e4m3fn) one launch whose one q program holds every row; otherwise an amax launch of at most
   ``_AMAX_PROGRAMS`` programs (:func:`_amax_launch`), then the quantizing launch, which walks
   q's rows from the last.
 """
