@@ -177,7 +177,7 @@ class _Config:
     one_pass: bool = False  # per-tensor FP8 of a single row: one launch, quantized as per-token
     one_program: bool = False  # per-tensor FP8 of a few rows: one launch, every q row in one program
     maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
-    w_first: bool = False  # weights requested before x, behind a barrier (decode sizes; see _bucket_config)
+    w_first: bool = False  # weights requested before x, behind a barrier (see _weights_first)
 
 
 @dataclass

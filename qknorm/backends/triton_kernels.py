@@ -369,7 +369,7 @@ def _qk_rmsnorm_kernel(
     AMAX_BLOCK: tl.constexpr,  # Q_TENSOR: power of two >= amax_count
     NATIVE_CAST: tl.constexpr,  # hardware RNE fp32 -> bf16 usable
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
-    W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (decode: see _rows)
+    W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (see _rows)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
