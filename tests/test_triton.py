@@ -555,36 +555,46 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         return tb._config(be._plan(req, req.key()), tb._bucket(m))
 
     # w_first (weights requested before x): FP8 groups through the hardware conversion up to
-    # 16384 rows, the plain norm up to 16, the other quantizing modes from 2048 to 8192 rows except
-    # per-tensor FP8 (compiled code, NVIDIA; never on ROCm)
+    # 16384 rows, the plain norm up to 16, the other quantizing modes from 257 to 16384 rows except
+    # per-tensor FP8 (never on ROCm); in compiled NVIDIA code those one-warp programs are then
+    # capped at 96 registers (80 with their k row)
     hw_fp8 = not be._interpret and not torch.version.hip and torch.cuda.get_device_capability() >= (8, 9)
     rocm = torch.version.hip is not None
+    compiled = not be._interpret and not rocm
     for m in (1, 256):
         norm_first = m <= 16 and not rocm
         assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True, w_first=norm_first)  # one tile in every bucket
         assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4)  # four warps; k rows in blocks of 8
+    assert config(QuantMode.MXFP4, 2048) == tb._Config(1, 8, 4, w_first=not rocm)  # four warps: no cap
     # FP8: one warp per q row in every bucket (batch invariance of the fp32 scales), k rows apart
     # below 16384 rows, a q row's worth per program
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR):
         for m in (2, 256, 2048, 8192):
             if mode is QuantMode.FP8_TENSOR and m <= 16:
                 continue
-            first = not rocm and ((mode is QuantMode.FP8_GROUP and hw_fp8)
-                                  or (m > 256 and mode is not QuantMode.FP8_TENSOR))  # fmt: skip
-            assert config(mode, m) == tb._Config(1, 4, 1, w_first=first), (mode, m)
+            hw = mode is QuantMode.FP8_GROUP and hw_fp8
+            first = not rocm and (hw or (m > 256 and mode is not QuantMode.FP8_TENSOR))
+            cap = 96 if first and compiled and not hw else None
+            assert config(mode, m) == tb._Config(1, 4, 1, w_first=first, maxnreg=cap), (mode, m)
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
     # up to 16 rows: one launch, all of q in one program (16 warps, one per row)
     assert config(QuantMode.FP8_TENSOR, 2) == config(QuantMode.FP8_TENSOR, 16) == tb._Config(16, 4, 16, one_program=True)
-    assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == tb._Config(1, 4, 1, w_first=not rocm)
+    mid_mxfp4 = tb._Config(1, 4, 1, w_first=not rocm, maxnreg=96 if compiled else None)
+    assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == mid_mxfp4
     # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
-    caps = {QuantMode.MXFP4: None if be._interpret or torch.version.hip else 80}
+    caps = {QuantMode.MXFP4: 80 if compiled else None}
     # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
     # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere)
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4, QuantMode.FP8_TENSOR):
         apart = mode is QuantMode.FP8_GROUP and hw_fp8
         big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
         assert config(mode, 65536) == big
-        assert config(mode, 16384) == (replace(big, w_first=True) if apart else big)
+        if apart:
+            assert config(mode, 16384) == replace(big, w_first=True)
+        elif mode is QuantMode.FP8_TENSOR:
+            assert config(mode, 16384) == big
+        else:
+            assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None), mode
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
     # e4m3fnuz groups (the integer encoder everywhere) are capped at 80 registers like MXFP4
     for gs in (128, 64, 32):
@@ -594,8 +604,13 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
             mode=QuantMode.FP8_GROUP, group_size=gs, q_out_quantized=torch.empty(2, 1536, dtype=torch.float8_e4m3fnuz,
             device=DEVICE), q_out_scale=torch.empty(2, 1536 // gs, dtype=torch.float32, device=DEVICE),
         )  # fmt: skip
-        cap = None if be._interpret or torch.version.hip else 80
-        assert tb._config(be._plan(fnuz, fnuz.key()), tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, maxnreg=cap)
+        cap = 80 if compiled else None
+        plan = be._plan(fnuz, fnuz.key())
+        assert tb._config(plan, tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, maxnreg=cap)
+        # weights first at 257-8192 rows for groups of 128 only, then capped at 96 registers
+        mid = tb._config(plan, tb._bucket(4096))
+        assert mid == (tb._Config(1, 4, 1, w_first=not rocm, maxnreg=96 if compiled else None) if gs == 128
+                       else tb._Config(1, 4, 1)), gs  # fmt: skip
 
 
 def test_per_tensor_amax_launch_loops_with_larger_blocks_only_past_its_program_cap() -> None:

@@ -84,6 +84,7 @@ logger = logging.getLogger(__name__)
 _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 _QUANT_MID_MAX_M = 8192  # ... and k rows apart (one warp per q row, two per token) up to this many
+_W_FIRST_MAX_M = 16384  # quantizing programs request their weights first up to this many rows (_weights_first)
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
@@ -198,7 +199,8 @@ class _Plan:
     register_cap: int | None = None  # maxnreg of the one-warp k-with-q configuration (see _register_cap)
     fp8: bool = False  # FP8 quantization: q rows over the same warps in every bucket (see _bucket_config)
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
-    mid_w_first: bool = False  # a quantizing mode that requests the weights first at 2048-8192 rows (_weights_first)
+    mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
+    caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -228,6 +230,16 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     cfg = _bucket_config(plan, bucket)
     if _weights_first(plan, m_hi):
         cfg = replace(cfg, w_first=True)
+        if plan.caps and plan.quantizes and not plan.hw_groups and cfg.num_warps == 1:
+            # The weights live across the reduction: ptxas then takes more registers than the
+            # one-warp programs of the software encoders and per-token FP8 can afford (H200,
+            # strided, µs): capped at 96 with k rows apart, e4m3fnuz 1x128 10.26 -> 9.61 at
+            # M = 4096 and 17.77 -> 16.97 at 8192, e4m3fnuz per token 10.21 -> 9.39 and
+            # 17.62 -> 16.59, per-token FP8 8.68 -> 8.60 and 15.40 -> 15.03, MXFP4 10.21 ->
+            # 10.07 and 18.06 -> 17.70; at 80 with their k row (8192 < M <= 16384), per-token
+            # FP8 29.95 -> 28.81 (uncapped and without the weights first before), e4m3fnuz per
+            # token 31.58 -> 30.65, e4m3fnuz 1x128 32.17 -> 31.84, MXFP4 31.53 -> 31.20.
+            cfg = replace(cfg, maxnreg=80 if cfg.k_with_q else 96)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
@@ -254,10 +266,12 @@ def _weights_first(plan: _Plan, m_hi: int) -> bool:
       at M = 1, 2.01 -> 1.98 at 256, 5.98 -> 5.45 at 2048, 10.07 -> 8.65 at 4096, 16.58 -> 15.40
       at 8192, 29.49 -> 28.21 at 16384; 1x32 and 1x64 likewise. Above 16384 rows 1x64 got
       slower (107.1 -> 111.0 at 65536).
-    - the other quantizing modes, 2048 to 8192 rows only: per token 10.08 -> 8.71 at 4096,
-      MXFP4 11.04 -> 10.38, e4m3fnuz 1x128 11.29 -> 10.38, e4m3fnuz per token 11.10 -> 10.30.
-      At decode sizes they got 0.02-0.07 µs slower; e4m3fnuz groups of 32 and 64 (10.07 -> 10.38
-      and 9.94 -> 10.46 at 4096) and per-tensor FP8 (9.52 -> 9.91 at 2048) got slower.
+    - the other quantizing modes, from 257 to 16384 rows (with the register caps of _config):
+      per token 10.08 -> 8.71 at 4096, MXFP4 11.04 -> 10.38, e4m3fnuz 1x128 11.29 -> 10.38,
+      e4m3fnuz per token 11.10 -> 10.30 (uncapped). At decode sizes they got 0.02-0.07 µs
+      slower, and above 16384 rows slower too (e4m3fnuz 1x128 112.1 -> 115.6 at 65536, capped);
+      e4m3fnuz groups of 32 and 64 (10.07 -> 10.38 and 9.94 -> 10.46 at 4096) and per-tensor
+      FP8 (9.52 -> 9.91 at 2048) got slower.
     - the plain norm, up to 16 rows: 1.47 -> 1.43 at M = 1, 1.54 -> 1.49 at 16 (1.89 -> 1.94 at
       256, 10.07 -> 10.30 at 4096).
 
@@ -266,10 +280,10 @@ def _weights_first(plan: _Plan, m_hi: int) -> bool:
     if torch.version.hip is not None:
         return False
     if plan.hw_groups:
-        return m_hi <= 16384
+        return m_hi <= _W_FIRST_MAX_M
     if not plan.quantizes:
         return m_hi <= 16
-    return plan.mid_w_first and _DECODE_MAX_M < m_hi <= _QUANT_MID_MAX_M
+    return plan.mid_w_first and _DECODE_MAX_M < m_hi <= _W_FIRST_MAX_M
 
 
 def _bucket_config(plan: _Plan, bucket: int) -> _Config:
@@ -479,6 +493,7 @@ class TritonBackend:
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
+            caps=not self._interpret and torch.version.hip is None,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
