@@ -456,6 +456,8 @@ _CONFIGS = [
     tb._Config(1, 1, 1, k_with_q=True),
     tb._Config(2, 2, 2, k_with_q=True),
     tb._Config(2, 8, 4),
+    tb._Config(1, 4, 1, w_first=True),
+    tb._Config(1, 1, 1, k_with_q=True, w_first=True),
 ]
 
 
@@ -504,6 +506,27 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
     else:
         assert_fp8_close(actual.q_quant, expected.q_quant)  # type: ignore[arg-type]
         assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cfg", [tb._Config(1, 4, 1), tb._Config(1, 1, 4, one_tile=True), tb._Config(2, 2, 2, k_with_q=True)],
+                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
+                                  QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
+def test_weights_first_changes_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """W_FIRST only moves the weight loads ahead of x's, behind a barrier: every output is bit for
+    bit what the same configuration gives without it (on a GPU: two compiled programs)."""
+    plain, first = _mode_request(mode, 5, 768, 700)
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    be._launch(plain, plan, cfg)
+    be._launch(first, plan, replace(cfg, w_first=True))
+    compared = 0
+    for name in ("q_out", "k_out", "q_quant", "q_scale"):
+        a, b = getattr(plain, name), getattr(first, name)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+            compared += 1
+    assert compared == 2 if mode is QuantMode.NONE else 3
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
