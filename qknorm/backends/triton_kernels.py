@@ -151,7 +151,7 @@ def _rows(
 
     Tiles of one shape combine element by element, so the row's sum of squares (and amax) is a
     single reduction after every load is issued: one memory round trip per row.
-    Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX mode, else 0.
+    Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX and Q_TENSOR_ONE modes, else 0.
     """
     rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS)
     if NT > 1:
