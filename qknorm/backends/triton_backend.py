@@ -474,6 +474,7 @@ class TritonBackend:
         k_chunked = n2 > 0 and _next_pow2(n2) > _MAX_SINGLE
         k_ng, k_nt, k_gs = (1, 1, _CHUNK) if k_chunked else _tiles(max(n2, 1), None)
         is_fp8 = mode.is_fp8
+        caps = not self._interpret and torch.version.hip is None  # register caps: compiled code on NVIDIA
         constexprs: dict[str, Any] = dict(
             N1=n1, N2=max(n2, 1), Q_CHUNKED=q_chunked, Q_SPAN=span,
             K_NG=k_ng, K_NT=k_nt, K_GS=k_gs, K_CHUNKED=k_chunked, GEMMA=req.gemma, Q_MODE=q_mode,
@@ -489,17 +490,18 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False], constexprs["FP8_ENC"]), fp8=is_fp8,
+            register_cap=self._register_cap(q_mode, tiles[False], constexprs["FP8_ENC"]) if caps else None, fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
-            caps=not self._interpret and torch.version.hip is None,
+            caps=caps,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
 
     def _register_cap(self, q_mode: int, tiles: tuple[int, int, int], fp8_enc: int) -> int | None:
-        """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM.
+        """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM
+        (asked only where caps apply: compiled code on NVIDIA, the plan's ``caps``).
 
         Only for DeepSeek's q rows (1536 columns as three tiles: 48 elements per thread), the
         layouts measured, and only for the modes whose integer encoders leave the programs
@@ -516,8 +518,6 @@ class TritonBackend:
         Caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66: 110.5
         against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need).
         """
-        if self._interpret or torch.version.hip is not None:
-            return None
         from . import triton_quant_kernels as te
 
         kn = self._kernels
