@@ -141,14 +141,16 @@ def test_e2m1_codes_of_scaled_values_match_the_reference(fma: bool) -> None:
     """Rules 11-12 for y in a group of amax a: the fused encoder (compiled kernels) and the plain one.
 
     y spans every E2M1 midpoint of every scale, their fp32 neighbours, signed zeros, subnormals,
-    NaN and infinity; amax spans normal, subnormal, huge, infinite and NaN groups (|y| <= amax as
+    NaN and infinity; amax spans normal, subnormal, huge (FLT_MAX), infinite and NaN groups (|y| <= amax as
     in the kernels, except in the inf / NaN groups, whose codes are all 0).
     """
     from qknorm.reference import e2m1_codes, e8m0_from_amax, e8m0_to_float
 
     gen = torch.Generator().manual_seed(11)
     amax = torch.cat((torch.exp(torch.empty(300).uniform_(-80, 80, generator=gen)),
-                      torch.tensor([1e-10, 2.0**-126, 6.0 * 2.0**-127, 6.0, 3e38, math.inf, math.nan])))  # fmt: skip
+                      torch.tensor([1e-10, 2.0**-126, 6.0 * 2.0**-127, 6.0, 3e38, math.inf, math.nan]),
+                      # FLT_MAX, the GPU's canonical NaN and a NaN with its sign bit set
+                      torch.tensor([0x7F7FFFFF, 0x7FFFFFFF, -0x400000], dtype=torch.int32).view(torch.float32)))  # fmt: skip
     unit = e8m0_to_float(e8m0_from_amax(amax))  # 2^(e-127) of each group
     mids = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     v = torch.cat(
