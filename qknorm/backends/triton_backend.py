@@ -23,8 +23,9 @@ Heuristics (measured numbers in the notes block below)
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
   and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
-  with plain-norm memory traffic); DeepSeek's MXFP4 and e4m3fnuz-group programs capped at 80 registers
-  (:meth:`TritonBackend._register_cap`). FP8 q rows are spread over the same warps in every
+  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers
+  (:meth:`TritonBackend._register_cap`); e4m3fnuz groups read x again after the reduction
+  instead of holding it (``_Config.reload``). FP8 q rows are spread over the same warps in every
   bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
   barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
@@ -179,6 +180,7 @@ class _Config:
     one_program: bool = False  # per-tensor FP8 of a few rows: one launch, every q row in one program
     maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
     w_first: bool = False  # weights requested before x, behind a barrier (see _weights_first)
+    reload: bool = False  # q rows read again after the reduction instead of held across it (see _config)
 
 
 @dataclass
@@ -201,6 +203,7 @@ class _Plan:
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
     caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
+    reload_q: bool = False  # e4m3fnuz groups in compiled NVIDIA code: x read again above 8192 rows (_config)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -240,6 +243,16 @@ def _config(plan: _Plan, bucket: int) -> _Config:
             # FP8 29.95 -> 28.81 (uncapped and without the weights first before), e4m3fnuz per
             # token 31.58 -> 30.65, e4m3fnuz 1x128 32.17 -> 31.84, MXFP4 31.53 -> 31.20.
             cfg = replace(cfg, maxnreg=80 if cfg.k_with_q else 96)
+    if plan.reload_q and m_hi > _QUANT_MID_MAX_M:
+        # e4m3fnuz groups, whose integer encoder leaves the one-warp programs short of registers
+        # (89-96 with x held across the reduction: 21 programs per SM; the caps of 80 spilled):
+        # x is read again from L1 after the reduction, tile by tile, and the programs are not
+        # capped (about 70 registers; 3% more instructions). H200, DeepSeek, strided, µs, held
+        # (capped at 80) -> read again: 1x128 31.74 -> 30.60 at M = 16384 and 112.35 -> 109.82
+        # at 65536; 1x64 31.95 -> 31.91 and 111.89 -> 109.29; 1x32 32.43 -> 32.08 and 112.96 ->
+        # 110.39. At decode sizes it was slower (FP8 1x128 at M = 1: 1.68 -> 1.85), and for
+        # MXFP4 at every size (30.88 -> 31.46 at 16384, 109.28 -> 112.42 at 65536).
+        cfg = replace(cfg, reload=True, maxnreg=None)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
@@ -490,41 +503,34 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False], constexprs["FP8_ENC"]) if caps else None, fp8=is_fp8,
+            register_cap=self._register_cap(q_mode, tiles[False]) if caps else None, fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
             caps=caps,
+            reload_q=caps and not q_chunked and mode is QuantMode.FP8_GROUP
+            and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
 
-    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int], fp8_enc: int) -> int | None:
+    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
         """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM
         (asked only where caps apply: compiled code on NVIDIA, the plan's ``caps``).
 
         Only for DeepSeek's q rows (1536 columns as three tiles: 48 elements per thread), the
-        layouts measured, and only for the modes whose integer encoders leave the programs
-        issue-bound with registers to spare: MXFP4 and e4m3fnuz groups. sm_90 ptxas (Triton 3.6)
-        gives them 89 and 95-96 registers (21 one-warp programs per SM); at 80, 25 fit.
-        H200, strided inputs, M = 65536 / 16384:
-
-        - MXFP4 (16 groups of 32 per tile, no spill at 80): 112.9-113.4 / 32.3 µs capped against
-          114.6-115.4 / 32.6-32.8; caps of 72 and 64 spill and were slower (113.8 / 118.8 µs).
-        - e4m3fnuz groups of 128 and 32 (24 and 16 bytes of spill at 80): 112.9 / 32.1 and
-          113.4 / 32.4 µs against 115.7 / 32.5 and 115.7 / 32.6 uncapped; 88 (no spill, 23 per
-          SM) gained nothing.
+        layout measured, and only for MXFP4, whose integer encoder leaves the programs issue-bound
+        with registers to spare: sm_90 ptxas (Triton 3.6) gives them 89 registers (21 one-warp
+        programs per SM); at 80, 25 fit. H200, strided inputs, M = 65536 / 16384: 112.9-113.4 /
+        32.3 µs capped against 114.6-115.4 / 32.6-32.8; caps of 72 and 64 spill and were slower
+        (113.8 / 118.8 µs). e4m3fnuz groups were capped at 80 too (24 and 16 bytes of spill) until
+        reading x again after the reduction (``_config``) took them to about 70 registers uncapped.
 
         Caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66: 110.5
         against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need).
         """
-        from . import triton_quant_kernels as te
-
         kn = self._kernels
         if q_mode == kn.Q_MXFP4.value and tiles == (16, 3, 32):
-            return 80
-        if (q_mode == kn.Q_GROUP.value and fp8_enc == te.FP8_SOFT_FNUZ.value
-                and tiles in ((4, 3, 128), (8, 3, 64), (16, 3, 32))):  # fmt: skip
             return 80
         return None
 
@@ -555,7 +561,8 @@ class TritonBackend:
         k_with_q = cfg.k_with_q and has_k
         q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
-                  "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first}  # fmt: skip
+                  "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first,
+                  "RELOAD": cfg.reload}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
         elif cfg.one_program:

@@ -145,7 +145,7 @@ def _rows(
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
-    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr, W_FIRST: tl.constexpr,
+    NATIVE_CAST: tl.constexpr, FMA: tl.constexpr, W_FIRST: tl.constexpr, RELOAD: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole rows in registers as NT (1 to 3) tiles a, b, c of the same shape [ROWS, NG, GS].
 
@@ -186,6 +186,31 @@ def _rows(
             wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
         ss += xc * xc
     rstd = _rstd(_row_sum(ss, ROWS), N, eps)
+    if RELOAD and (Q_MODE == Q_NONE or Q_MODE == Q_GROUP or Q_MODE == Q_MXFP4):
+        # Modes without a row-wide amax: x is read again, tile by tile, after the reduction (from
+        # L1) instead of being held across it (fewer registers: more programs per SM). A tile is
+        # read before anything of its own columns is written, so the in-place forms stay correct.
+        xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+        _write_tile(
+            xa, (xa * rstd) * wa, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride,
+            RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+            GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+        )  # fmt: skip
+        if NT > 1:
+            xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+            _write_tile(
+                xb, (xb * rstd) * wb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride,
+                RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            )  # fmt: skip
+        if NT > 2:
+            xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+            _write_tile(
+                xc, (xc * rstd) * wc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride,
+                RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            )  # fmt: skip
+        return 0.0
     ya = (xa * rstd) * wa
     a = tl.abs(ya)
     if NT > 1:
@@ -294,7 +319,7 @@ def _q_block(
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, SPAN: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
-    W_FIRST: tl.constexpr,
+    W_FIRST: tl.constexpr, RELOAD: tl.constexpr,
 ):  # fmt: skip
     """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups.
 
@@ -312,7 +337,7 @@ def _q_block(
             blk * ROWS, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
+            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD,
         )  # fmt: skip
 
 
@@ -332,7 +357,7 @@ def _k_block(
     else:
         _rows(
             blk * ROWS, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
-            None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA, W_FIRST,
+            None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA, W_FIRST, False,
         )  # fmt: skip
 
 
@@ -370,6 +395,7 @@ def _qk_rmsnorm_kernel(
     NATIVE_CAST: tl.constexpr,  # hardware RNE fp32 -> bf16 usable
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
     W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (see _rows)
+    RELOAD: tl.constexpr,  # q rows (groups or no quantization): x read again after the reduction (see _rows)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -391,7 +417,7 @@ def _qk_rmsnorm_kernel(
                     blk, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                     None, None, None, None, None, None, None, None, None,
                     N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
+                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, False,
                 ))  # fmt: skip
                 blk += q_programs
             tl.store(AMAX_PTR + pid, amax)
@@ -413,7 +439,7 @@ def _qk_rmsnorm_kernel(
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST,
+                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD,
             )  # fmt: skip
             if K_WITH_Q:
                 _k_block(
