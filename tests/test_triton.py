@@ -647,7 +647,7 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
             assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None), mode
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
     # e4m3fnuz groups (the integer encoder everywhere): compiled NVIDIA code reads x again after
-    # the reduction above 8192 rows, uncapped (RELOAD)
+    # the reduction above 8192 rows, uncapped (RELOAD), with the weights first up to 16384
     for gs in (128, 64, 32):
         req, _ = _mode_request(QuantMode.FP8_GROUP, 2, 1536, 512)
         fnuz = build_request(
@@ -658,7 +658,7 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         plan = be._plan(fnuz, fnuz.key())
         assert tb._config(plan, tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, reload=compiled)
         assert tb._config(plan, tb._bucket(16384)) == tb._Config(
-            1, 1, 1, k_with_q=True, w_first=gs == 128 and not rocm, reload=compiled)  # fmt: skip
+            1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled)  # fmt: skip
         # weights first at 257-8192 rows for groups of 128 only, then capped at 96 registers
         mid = tb._config(plan, tb._bucket(4096))
         assert mid == (tb._Config(1, 4, 1, w_first=not rocm, maxnreg=96 if compiled else None) if gs == 128

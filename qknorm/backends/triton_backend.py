@@ -247,12 +247,14 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # e4m3fnuz groups, whose integer encoder leaves the one-warp programs short of registers
         # (89-96 with x held across the reduction: 21 programs per SM; the caps of 80 spilled):
         # x is read again from L1 after the reduction, tile by tile, and the programs are not
-        # capped (about 70 registers; 3% more instructions). H200, DeepSeek, strided, µs, held
-        # (capped at 80) -> read again: 1x128 31.74 -> 30.60 at M = 16384 and 112.35 -> 109.82
-        # at 65536; 1x64 31.95 -> 31.91 and 111.89 -> 109.29; 1x32 32.43 -> 32.08 and 112.96 ->
-        # 110.39. At decode sizes it was slower (FP8 1x128 at M = 1: 1.68 -> 1.85), and for
-        # MXFP4 at every size (30.88 -> 31.46 at 16384, 109.28 -> 112.42 at 65536).
-        cfg = replace(cfg, reload=True, maxnreg=None)
+        # capped (about 70 registers; 3% more instructions), with the weights requested first up
+        # to 16384 rows (every group size: 1x64 / 1x32 31.79 / 32.16 -> 30.66 / 30.83 µs at
+        # M = 16384 with them). H200, DeepSeek, strided, µs, held (capped at 80) -> read again:
+        # 1x128 31.74 -> 30.60 at M = 16384 and 112.35 -> 109.82 at 65536; 1x64 31.95 -> 30.66
+        # and 111.89 -> 109.29; 1x32 32.43 -> 30.83 and 112.96 -> 110.39. At decode sizes it was
+        # slower (FP8 1x128 at M = 1: 1.68 -> 1.85), and for MXFP4 at every size (30.88 -> 31.46
+        # at 16384, 109.28 -> 112.42 at 65536).
+        cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _W_FIRST_MAX_M)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
