@@ -186,63 +186,53 @@ def _rows(
             wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
         ss += xc * xc
     rstd = _rstd(_row_sum(ss, ROWS), N, eps)
-    if RELOAD and (Q_MODE == Q_NONE or Q_MODE == Q_GROUP or Q_MODE == Q_MXFP4):
-        # Modes without a row-wide amax: x is read again, tile by tile, after the reduction (from
-        # L1) instead of being held across it (fewer registers: more programs per SM). A tile is
-        # read before anything of its own columns is written, so the in-place forms stay correct.
-        xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
-        _write_tile(
-            xa, (xa * rstd) * wa, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride,
-            RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-        )  # fmt: skip
-        if NT > 1:
-            xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
-            _write_tile(
-                xb, (xb * rstd) * wb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride,
-                RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-            )  # fmt: skip
-        if NT > 2:
-            xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
-            _write_tile(
-                xc, (xc * rstd) * wc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride,
-                RES_OUT_PTR, res_out_stride, QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-            )  # fmt: skip
-        return 0.0
-    ya = (xa * rstd) * wa
-    a = tl.abs(ya)
-    if NT > 1:
-        yb = (xb * rstd) * wb
-        a = max_nan(a, tl.abs(yb))
-    if NT > 2:
-        yc = (xc * rstd) * wc
-        a = max_nan(a, tl.abs(yc))
+    # RELOAD, in the modes without a row-wide amax: each tile of x is read again (from L1) right
+    # before its outputs are written, instead of being held across the reduction (fewer registers:
+    # more programs per SM). A tile is read before anything of its own columns is written, so the
+    # in-place forms stay correct.
+    AGAIN: tl.constexpr = RELOAD and (Q_MODE == Q_NONE or Q_MODE == Q_GROUP or Q_MODE == Q_MXFP4)
     amax = 0.0
-    if Q_MODE == Q_ROW or Q_MODE == Q_AMAX or Q_MODE == Q_TENSOR_ONE:
-        amax = _row_amax(a, ROWS)
-        if Q_MODE == Q_ROW:
-            scale = amax * INV_FMAX
-            tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
-        elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
-            amax = tl.reduce(tl.where(rmask, amax, 0.0), None, max_nan)
-        if Q_MODE == Q_TENSOR_ONE:
-            scale = amax * INV_FMAX
-            tl.store(SCALE_PTR, scale)
+    if not AGAIN:
+        ya = (xa * rstd) * wa
+        a = tl.abs(ya)
+        if NT > 1:
+            yb = (xb * rstd) * wb
+            a = max_nan(a, tl.abs(yb))
+        if NT > 2:
+            yc = (xc * rstd) * wc
+            a = max_nan(a, tl.abs(yc))
+        if Q_MODE == Q_ROW or Q_MODE == Q_AMAX or Q_MODE == Q_TENSOR_ONE:
+            amax = _row_amax(a, ROWS)
+            if Q_MODE == Q_ROW:
+                scale = amax * INV_FMAX
+                tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
+            elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
+                amax = tl.reduce(tl.where(rmask, amax, 0.0), None, max_nan)
+            if Q_MODE == Q_TENSOR_ONE:
+                scale = amax * INV_FMAX
+                tl.store(SCALE_PTR, scale)
     if Q_MODE != Q_AMAX:
+        if AGAIN:
+            xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+            ya = (xa * rstd) * wa
         _write_tile(
             xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
             GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
         )  # fmt: skip
         if NT > 1:
+            if AGAIN:
+                xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+                yb = (xb * rstd) * wb
             _write_tile(
                 xb, yb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                 QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
                 GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
             )  # fmt: skip
         if NT > 2:
+            if AGAIN:
+                xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+                yc = (xc * rstd) * wc
             _write_tile(
                 xc, yc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                 QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
