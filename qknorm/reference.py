@@ -7,6 +7,8 @@ Runs on any device PyTorch runs on.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .quant import AMAX_FLOOR, MXFP4_INV_MAX, QuantMode, fp8_inv_max, fp8_max
@@ -68,10 +70,11 @@ def e8m0_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
 
 def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
-    """The fp32 value ``2^(e - 127)`` of E8M0 bytes (e = 0 gives the subnormal 2^-127, 255 gives inf)."""
+    """The fp32 value ``2^(e - 127)`` of E8M0 bytes (e = 0 gives the subnormal 2^-127, 255 NaN, as in OCP MX)."""
     e = e.to(torch.int32)
     normal = (e << 23).view(torch.float32)
-    return torch.where(e == 0, torch.full_like(normal, 2.0**-127), normal)
+    special = torch.where(e == 0, torch.full_like(normal, 2.0**-127), torch.full_like(normal, math.nan))
+    return torch.where((e == 0) | (e == 255), special, normal)
 
 
 # E2M1 round-to-nearest-even thresholds on |v|: code c is the number of thresholds passed.
@@ -81,12 +84,17 @@ _E2M1_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2
 
 
 def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
-    """Rule 12: E2M1 codes (int32, sign in bit 3) of fp32 ``v``, RNE, saturating at +-6; NaN -> 0."""
+    """Rule 12: E2M1 codes (int32, sign in bit 3) of fp32 ``v``, RNE, saturating at +-6; NaN -> 0.
+
+    The sign bit is v's (-0.0, and a small negative value that rounds to zero, give code 8), as
+    the OCP MX conversions and aiter's encoders keep it. A group whose E8M0 byte is 255 (NaN)
+    has v = NaN throughout (:func:`e8m0_to_float`), so all its codes are 0.
+    """
     a = torch.abs(v)
     code = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
     for threshold, inclusive in _E2M1_THRESHOLDS:
         code += (a >= threshold if inclusive else a > threshold).to(torch.int32)
-    return code | ((v < 0).to(torch.int32) << 3)
+    return code | ((torch.signbit(v) & ~torch.isnan(v)).to(torch.int32) << 3)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

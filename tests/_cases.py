@@ -314,10 +314,10 @@ E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def e2m1_encode(v: float) -> int:
-    """Nearest E2M1 value (ties to the even code), saturating at +-6; sign in bit 3."""
+    """Nearest E2M1 value (ties to the even code), saturating at +-6; v's sign bit in bit 3 (-0.0 gives 8)."""
     a = min(abs(v), 6.0)
     best = min(range(8), key=lambda c: (abs(E2M1_GRID[c] - a), c % 2))
-    return best | (8 if v < 0 else 0)
+    return best | (8 if math.copysign(1.0, v) < 0 else 0)
 
 
 def e2m1_decode(nibble: int) -> float:

@@ -142,7 +142,7 @@ def test_e2m1_codes_of_scaled_values_match_the_reference(fma: bool) -> None:
 
     y spans every E2M1 midpoint of every scale, their fp32 neighbours, signed zeros, subnormals,
     NaN and infinity; amax spans normal, subnormal, huge (FLT_MAX), infinite and NaN groups (|y| <= amax as
-    in the kernels, except in the inf / NaN groups, whose codes are all 0).
+    in the kernels; the inf / NaN groups, whose codes are all 0, hold finite values of both signs too).
     """
     from qknorm.reference import e2m1_codes, e8m0_from_amax, e8m0_to_float
 
@@ -151,7 +151,8 @@ def test_e2m1_codes_of_scaled_values_match_the_reference(fma: bool) -> None:
                       torch.tensor([1e-10, 2.0**-126, 6.0 * 2.0**-127, 6.0, 3e38, math.inf, math.nan]),
                       # FLT_MAX, the GPU's canonical NaN and a NaN with its sign bit set
                       torch.tensor([0x7F7FFFFF, 0x7FFFFFFF, -0x400000], dtype=torch.int32).view(torch.float32)))  # fmt: skip
-    unit = e8m0_to_float(e8m0_from_amax(amax))  # 2^(e-127) of each group
+    unit = e8m0_to_float(e8m0_from_amax(amax))  # 2^(e-127) of each group (NaN where e = 255: use 1 there)
+    unit = torch.where(torch.isnan(unit), 1.0, unit)
     mids = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     v = torch.cat(
         (mids, torch.nextafter(mids, torch.full_like(mids, 7.0)), torch.nextafter(mids, torch.zeros_like(mids)))
