@@ -23,8 +23,8 @@ Heuristics (measured numbers in the notes block below)
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
   and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
-  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers
-  (:meth:`TritonBackend._register_cap`); e4m3fnuz groups read x again after the reduction
+  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers (88 with
+  k rows apart: :meth:`TritonBackend._register_caps`); e4m3fnuz groups read x again after the reduction
   instead of holding it (``_Config.reload``). FP8 q rows are spread over the same warps in every
   bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
@@ -198,7 +198,7 @@ class _Plan:
     two_pass: bool  # per-tensor FP8: an amax launch first
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
-    register_cap: int | None = None  # maxnreg of the one-warp k-with-q configuration (see _register_cap)
+    register_caps: tuple[int, int] | None = None  # maxnreg of one-warp programs: k rows with q, apart (_register_caps)
     fp8: bool = False  # FP8 quantization: q rows over the same warps in every bucket (see _bucket_config)
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
@@ -242,7 +242,9 @@ def _config(plan: _Plan, bucket: int) -> _Config:
             # 10.07 and 18.06 -> 17.70; at 80 with their k row (8192 < M <= 16384), per-token
             # FP8 29.95 -> 28.81 (uncapped and without the weights first before), e4m3fnuz per
             # token 31.58 -> 30.65, e4m3fnuz 1x128 32.17 -> 31.84, MXFP4 31.53 -> 31.20.
-            cfg = replace(cfg, maxnreg=80 if cfg.k_with_q else 96)
+            # DeepSeek's MXFP4 programs take their own caps (_register_caps).
+            with_q, apart = plan.register_caps or (80, 96)
+            cfg = replace(cfg, maxnreg=with_q if cfg.k_with_q else apart)
     if plan.reload_q and m_hi > _QUANT_MID_MAX_M:
         # e4m3fnuz groups, whose integer encoder leaves the one-warp programs short of registers
         # (89-96 with x held across the reduction: 21 programs per SM; the caps of 80 spilled):
@@ -350,7 +352,8 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         # per row, each q row with its k row so that every program mixes the quantizing
         # arithmetic with plain-norm traffic (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123
         # against 148 µs).
-        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=plan.register_cap)
+        cap = plan.register_caps[0] if plan.register_caps else None
+        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=cap)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
 
@@ -505,7 +508,7 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_cap=self._register_cap(q_mode, tiles[False]) if caps else None, fp8=is_fp8,
+            register_caps=self._register_caps(q_mode, tiles[False]) if caps else None, fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
@@ -516,24 +519,30 @@ class TritonBackend:
         self._plans[key] = plan
         return plan
 
-    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
-        """Registers per thread of the one-warp k-with-q programs, where a cap lets more of them share an SM
-        (asked only where caps apply: compiled code on NVIDIA, the plan's ``caps``).
+    def _register_caps(self, q_mode: int, tiles: tuple[int, int, int]) -> tuple[int, int] | None:
+        """Registers per thread of the one-warp programs (k rows with their q row, k rows apart), where
+        caps let more of them share an SM (asked only where caps apply: compiled code on NVIDIA, the
+        plan's ``caps``); None: the caps of the other modes (:func:`_config`), or none.
 
         Only for DeepSeek's q rows (1536 columns as three tiles: 48 elements per thread), the
         layout measured, and only for MXFP4, whose integer encoder leaves the programs issue-bound
-        with registers to spare: sm_90 ptxas (Triton 3.6) gives them 89 registers (21 one-warp
-        programs per SM); at 80, 25 fit. H200, strided inputs, M = 65536 / 16384: 112.9-113.4 /
-        32.3 µs capped against 114.6-115.4 / 32.6-32.8; caps of 72 and 64 spill and were slower
-        (113.8 / 118.8 µs). e4m3fnuz groups were capped at 80 too (24 and 16 bytes of spill) until
-        reading x again after the reduction (``_config``) took them to about 70 registers uncapped.
+        with registers to spare. With k rows, 80: sm_90 ptxas (Triton 3.6) gave them 89 registers
+        (21 one-warp programs per SM); at 80, 25 fit. H200, strided inputs, M = 65536 / 16384:
+        112.9-113.4 / 32.3 µs capped against 114.6-115.4 / 32.6-32.8 (the encoder before
+        3b5dece); 72 and 64 spilled and were slower. Apart (4096 and 8192 rows, weights first),
+        88 against the others' 96 (the programs take 94 uncapped; strided / contiguous µs,
+        M = 4096: 9.82 / 9.83 -> 9.65 / 9.58, 8192: 17.49 / 17.38 -> 17.07 / 17.00; 80 was
+        slower). e4m3fnuz groups were capped at 80 too (24 and 16 bytes of spill) until reading x
+        again after the reduction (``_config``) took them to about 70 registers uncapped.
 
-        Caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66: 110.5
-        against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need).
+        Other caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66:
+        110.5 against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need;
+        at 4096 rows, 88 instead of 96: per-token FP8 8.65 -> 8.68 µs, e4m3fnuz per token 9.42 ->
+        9.61, e4m3fnuz 1x128 9.63 -> 9.69).
         """
         kn = self._kernels
         if q_mode == kn.Q_MXFP4.value and tiles == (16, 3, 32):
-            return 80
+            return 80, 88
         return None
 
     # -- launching
