@@ -87,8 +87,9 @@ def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     """Rule 12: E2M1 codes (int32, sign in bit 3) of fp32 ``v``, RNE, saturating at +-6; NaN -> 0.
 
     The sign bit is v's (-0.0, and a small negative value that rounds to zero, give code 8), as
-    the OCP MX conversions and aiter's encoders keep it. A group whose E8M0 byte is 255 (NaN)
-    has v = NaN throughout (:func:`e8m0_to_float`), so all its codes are 0.
+    in aiter's Triton encoder (``_mxfp4_quant_op`` takes the sign as ``bits & 0x80000000``). A
+    group whose E8M0 byte is 255 (NaN) has v = NaN throughout (:func:`e8m0_to_float`), so all
+    its codes are 0.
     """
     a = torch.abs(v)
     code = torch.zeros(v.shape, dtype=torch.int32, device=v.device)
