@@ -557,6 +557,40 @@ def test_load_order_knobs_change_no_output_bit(mode: QuantMode, cfg: tb._Config,
     assert compared == 2 if mode is QuantMode.NONE else 3
 
 
+@pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
+                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
+                                  QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
+def test_k_loads_first_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """K_EARLY requests the k row's loads before the q row's work and normalizes it after, for a k
+    row of one tile: every output is bit for bit the same configuration's without it, and k_out
+    is the reference's."""
+    plain, early = _mode_request(mode, 5, 768, 500)
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    assert plan.constexprs["K_NT"] == 1 and not plan.k_chunked  # the layout K_EARLY serves
+    be._launch(plain, plan, cfg)
+    be._launch(early, plan, replace(cfg, k_early=True))
+    for name in ("q_out", "k_out", "q_quant", "q_scale"):
+        a, b = getattr(plain, name), getattr(early, name)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    expected = _mode_request(mode, 5, 768, 500)[1]
+    qk_rmsnorm_reference(expected)
+    assert_norm_close(early.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+
+
+def test_k_loads_first_in_place() -> None:
+    """k_out=k with K_EARLY: the k row is read whole before the program writes anything of it."""
+    actual, expected = _aliased_request("k_out=k", 5, 768, 512, QuantMode.NONE, seed=4)
+    cfg = tb._Config(1, 1, 1, k_with_q=True, k_early=True)
+    be = TritonBackend()
+    be._launch(expected, be._plan(expected, expected.key()), cfg)
+    be._launch(actual, be._plan(actual, actual.key()), cfg)
+    for name in ("k_out", "q_out"):
+        assert torch.equal(getattr(actual, name).view(torch.uint8), getattr(expected, name).view(torch.uint8)), name
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
 @pytest.mark.parametrize("mode", [QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN], ids=lambda m: m.value)
 @pytest.mark.parametrize("m", [2, 20000] if ON_GPU else [2], ids=lambda m: f"m{m}")
@@ -635,15 +669,20 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
     caps = {QuantMode.MXFP4: 80 if compiled else None}
     # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
-    # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere)
+    # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere); per-token FP8
+    # requests its k row's loads first there, uncapped
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4, QuantMode.FP8_TENSOR):
         apart = mode is QuantMode.FP8_GROUP and hw_fp8
         big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
+        if mode is QuantMode.FP8_TOKEN:
+            big = replace(big, k_early=compiled)
         assert config(mode, 65536) == big
         if apart:
             assert config(mode, 16384) == replace(big, w_first=True)
         elif mode is QuantMode.FP8_TENSOR:
             assert config(mode, 16384) == big
+        elif mode is QuantMode.FP8_TOKEN:
+            assert config(mode, 16384) == replace(big, w_first=not rocm)
         else:
             assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None), mode
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)

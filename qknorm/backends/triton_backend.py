@@ -181,6 +181,7 @@ class _Config:
     maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
     w_first: bool = False  # weights requested before x, behind a barrier (see _weights_first)
     reload: bool = False  # q rows read again after the reduction instead of held across it (see _config)
+    k_early: bool = False  # k_with_q: the k row's loads requested before the q row's work (see _config)
 
 
 @dataclass
@@ -204,6 +205,7 @@ class _Plan:
     mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
     caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
     reload_q: bool = False  # e4m3fnuz groups in compiled NVIDIA code: x read again above 8192 rows (_config)
+    k_early: bool = False  # per-token FP8 in compiled NVIDIA code, k of one tile: k's loads first with k rows in the q programs
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -257,6 +259,17 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # slower (FP8 1x128 at M = 1: 1.68 -> 1.85), and for MXFP4 at every size (30.88 -> 31.46
         # at 16384, 109.28 -> 112.42 at 65536).
         cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _W_FIRST_MAX_M)
+    if plan.k_early and cfg.k_with_q:
+        # Per-token FP8 with k rows in the q programs (above 8192 rows): the k row's loads go out
+        # before the q row's work, so a program waits for memory once. The k tile then lives
+        # across the q row's work: uncapped, and 96 for the e4m3fnuz encoder with the weights
+        # first (at 80 it spilled). H200, DeepSeek, strided / contiguous, µs, k after q -> k
+        # first: per token 28.86 / 28.60 -> 27.88 / 27.85 at M = 16384 and 105.58 / 105.06 ->
+        # 105.25 / 104.34 at 65536; e4m3fnuz per token 30.80 / 30.61 -> 30.27 / 29.90 and 107.37 /
+        # 106.19 -> 107.24 / 106.22. MXFP4 got slower at every cap (strided, 28.77 -> 29.72 at
+        # 16384, 103.62 -> 111.21 at 65536: its programs need the registers); e4m3fnuz groups
+        # gained under 1%.
+        cfg = replace(cfg, k_early=True, maxnreg=96 if plan.fnuz_view and cfg.w_first else None)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
@@ -515,6 +528,7 @@ class TritonBackend:
             caps=caps,
             reload_q=caps and not q_chunked and mode is QuantMode.FP8_GROUP
             and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value,
+            k_early=caps and mode is QuantMode.FP8_TOKEN and not q_chunked and not k_chunked and k_nt == 1,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -573,7 +587,7 @@ class TritonBackend:
         q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first,
-                  "RELOAD": cfg.reload}  # fmt: skip
+                  "RELOAD": cfg.reload, "K_EARLY": cfg.k_early}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
         elif cfg.one_program:

@@ -53,7 +53,13 @@ def _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask):
 @triton.jit
 def _load_w(W_PTR, cols, mask, GEMMA: tl.constexpr):
     """w = f(weight) (+ 1.0 in fp32 for gemma) over the tile's columns."""
-    w = to_f32(tl.load(W_PTR + cols, mask=mask, other=0.0))
+    return _widen_w(tl.load(W_PTR + cols, mask=mask, other=0.0), GEMMA)
+
+
+@triton.jit
+def _widen_w(w, GEMMA: tl.constexpr):
+    """f(weight) (+ 1.0 in fp32 for gemma) of loaded weights."""
+    w = to_f32(w)
     if GEMMA:
         w = w + 1.0
     return w
@@ -351,6 +357,28 @@ def _k_block(
         )  # fmt: skip
 
 
+@triton.jit
+def _k_early_loads(blk, M, K_PTR, k_stride, K_W_PTR, N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr,
+                   GS: tl.constexpr):  # fmt: skip
+    """K_EARLY: k row block ``blk`` (one tile) and its weights as loaded, requested before the q
+    rows' work; :func:`_k_early_finish` normalizes them after it."""
+    rows, _, cols, mask, _, _ = _tile(blk * ROWS, M, N, ROWS, 0, NG, GS)
+    w = tl.load(K_W_PTR + cols + (rows * 0).to(tl.int32), mask=cols < N, other=0.0)
+    x = tl.load(K_PTR + rows * k_stride + cols, mask=mask, other=0.0)
+    return x, w, rows, cols, mask
+
+
+@triton.jit
+def _k_early_finish(x, w, rows, cols, mask, eps, K_OUT_PTR, k_out_stride, N: tl.constexpr, ROWS: tl.constexpr,
+                    GEMMA: tl.constexpr, NATIVE_CAST: tl.constexpr):  # fmt: skip
+    """The plain norm of :func:`_k_early_loads`'s tile into k_out: the arithmetic of :func:`_rows`
+    on one tile, in the same order (the same bits)."""
+    x = to_f32(x)
+    rstd = _rstd(_row_sum(x * x, ROWS), N, eps)
+    tl.store(K_OUT_PTR + rows * k_out_stride + cols, to_out((x * rstd) * _widen_w(w, GEMMA), K_OUT_PTR, NATIVE_CAST),
+             mask=mask)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
@@ -386,6 +414,7 @@ def _qk_rmsnorm_kernel(
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
     W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (see _rows)
     RELOAD: tl.constexpr,  # q rows (groups or no quantization): x read again after the reduction (see _rows)
+    K_EARLY: tl.constexpr,  # K_WITH_Q, k rows of one tile: k's loads requested before the q rows' work
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -424,6 +453,11 @@ def _qk_rmsnorm_kernel(
                 # the L2's 60 MiB on the H200) are the highest blocks: the first programs here
                 # take those and find them in L2.
                 blk = q_programs - 1 - pid
+            # K_EARLY: the k row's loads go out first, so that the program waits for memory once
+            # and not again between its q row's work and its k row's.
+            EARLY: tl.constexpr = K_EARLY and K_WITH_Q and not K_CHUNKED and K_NT == 1
+            if EARLY:
+                kx, kw, krows, kcols, kmask = _k_early_loads(blk, M, K_PTR, k_stride, K_W_PTR, N2, K_ROWS, K_NG, K_GS)
             _q_block(
                 blk, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
@@ -431,7 +465,9 @@ def _qk_rmsnorm_kernel(
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
                 INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD,
             )  # fmt: skip
-            if K_WITH_Q:
+            if EARLY:
+                _k_early_finish(kx, kw, krows, kcols, kmask, k_eps, K_OUT_PTR, k_out_stride, N2, K_ROWS, GEMMA, NATIVE_CAST)
+            elif K_WITH_Q:
                 _k_block(
                     blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
                     N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
