@@ -25,7 +25,8 @@ Heuristics (measured numbers in the notes block below)
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
   with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers (88 with
   k rows apart: :meth:`TritonBackend._register_caps`); e4m3fnuz groups read x again after the reduction
-  instead of holding it (``_Config.reload``). FP8 q rows are spread over the same warps in every
+  instead of holding it (``_Config.reload``); per-token FP8 requests its k row's loads before the
+  q row's work (``_Config.k_early``). FP8 q rows are spread over the same warps in every
   bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
   barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
