@@ -73,8 +73,8 @@ def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
     """The fp32 value ``2^(e - 127)`` of E8M0 bytes (e = 0 gives the subnormal 2^-127, 255 NaN, as in OCP MX)."""
     e = e.to(torch.int32)
     normal = (e << 23).view(torch.float32)
-    special = torch.where(e == 0, torch.full_like(normal, 2.0**-127), torch.full_like(normal, math.nan))
-    return torch.where((e == 0) | (e == 255), special, normal)
+    value = torch.where(e == 0, torch.full_like(normal, 2.0**-127), normal)
+    return torch.where(e == 255, torch.full_like(normal, math.nan), value)
 
 
 # E2M1 round-to-nearest-even thresholds on |v|: code c is the number of thresholds passed.
