@@ -591,6 +591,24 @@ def test_k_loads_first_in_place() -> None:
         assert torch.equal(getattr(actual, name).view(torch.uint8), getattr(expected, name).view(torch.uint8)), name
 
 
+@pytest.mark.parametrize("cfg", [tb._Config(1, 4, 1), tb._Config(1, 4, 1, w_first=True), tb._Config(2, 2, 2)],
+                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("mode", [QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4], ids=lambda m: m.value)
+def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """Q_SPLIT: each of a q row block's three tiles is written by a program of its own, every one of
+    them reducing the whole rows: every output is bit for bit the unsplit launch's (one row, M = 5,
+    is three programs; the last block of two rows is half past M)."""
+    plain, split = _mode_request(mode, 5, 768, 500)
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    assert plan.tiles[False][1] == 3 and not plan.q_chunked  # the layout Q_SPLIT serves
+    be._launch(plain, plan, cfg)
+    be._launch(split, plan, replace(cfg, q_split=True))
+    for name in ("k_out", "q_quant", "q_scale"):
+        a, b = getattr(plain, name), getattr(split, name)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
 @pytest.mark.parametrize("mode", [QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN], ids=lambda m: m.value)
 @pytest.mark.parametrize("m", [2, 20000] if ON_GPU else [2], ids=lambda m: f"m{m}")
@@ -649,7 +667,8 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     for m in (1, 256):
         norm_first = m <= 16 and not rocm
         assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True, w_first=norm_first)  # one tile in every bucket
-        assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4)  # four warps; k rows in blocks of 8
+        # four warps; k rows in blocks of 8; up to 16 rows a program per q tile (not on ROCm)
+        assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4, q_split=m <= 16 and not rocm)
     assert config(QuantMode.MXFP4, 2048) == tb._Config(1, 8, 4, w_first=not rocm)  # four warps: no cap
     # FP8: one warp per q row in every bucket (batch invariance of the fp32 scales), k rows apart
     # below 16384 rows, a q row's worth per program
@@ -660,7 +679,9 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
             hw = mode is QuantMode.FP8_GROUP and hw_fp8
             first = not rocm and (hw or (m > 256 and mode is not QuantMode.FP8_TENSOR))
             cap = 96 if first and compiled and not hw else None
-            assert config(mode, m) == tb._Config(1, 4, 1, w_first=first, maxnreg=cap), (mode, m)
+            # up to 16 rows a program per q tile, but for per-token FP8 through the hardware conversion
+            split = m <= 16 and not rocm and not (mode is QuantMode.FP8_TOKEN and hw_fp8)
+            assert config(mode, m) == tb._Config(1, 4, 1, w_first=first, maxnreg=cap, q_split=split), (mode, m)
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
     # up to 16 rows: one launch, all of q in one program (16 warps, one per row)
     assert config(QuantMode.FP8_TENSOR, 2) == config(QuantMode.FP8_TENSOR, 16) == tb._Config(16, 4, 16, one_program=True)

@@ -17,7 +17,9 @@ Heuristics (measured numbers in the notes block below)
   programs of their own; the q row keeps the tiles of every other bucket (batch invariance, see
   :func:`_config`). The plain norm: about ``_EPT_DECODE`` elements per thread, one k row per
   program; MXFP4 likewise with k rows in blocks of ``_TILE_NORM`` elements; FP8 as at prefill
-  (one warp per DeepSeek q row, k rows a q row's worth per program).
+  (one warp per DeepSeek q row, k rows a q row's worth per program). Up to ``_SPLIT_MAX_M``
+  rows a quantized q row of several tiles is written by one program per tile, each reducing the
+  whole row (``_Config.q_split``).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
   rows); quantizing calls with one warp per q row and k rows in programs of their own up to
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
@@ -87,6 +89,7 @@ _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 _QUANT_MID_MAX_M = 8192  # ... and k rows apart (one warp per q row, two per token) up to this many
 _W_FIRST_MAX_M = 16384  # quantizing programs request their weights first up to this many rows (_weights_first)
+_SPLIT_MAX_M = 16  # quantizing calls split each q row over one program per tile up to this many rows (_config)
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
@@ -183,6 +186,7 @@ class _Config:
     w_first: bool = False  # weights requested before x, behind a barrier (see _weights_first)
     reload: bool = False  # q rows read again after the reduction instead of held across it (see _config)
     k_early: bool = False  # k_with_q: the k row's loads requested before the q row's work (see _config)
+    q_split: bool = False  # each q row block written by one program per tile, all reducing whole rows (see _config)
 
 
 @dataclass
@@ -207,6 +211,7 @@ class _Plan:
     caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
     reload_q: bool = False  # e4m3fnuz groups in compiled NVIDIA code: x read again above 8192 rows (_config)
     k_early: bool = False  # per-token FP8 in compiled NVIDIA code, k of one tile: k's loads first with k rows in the q programs
+    split_q: bool = False  # q rows of several tiles, nothing written in place: one program per tile at decode (_config)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -271,6 +276,19 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # 16384, 103.62 -> 111.21 at 65536: its programs need the registers); e4m3fnuz groups
         # gained under 1%.
         cfg = replace(cfg, k_early=True, maxnreg=96 if plan.fnuz_view and cfg.w_first else None)
+    if plan.split_q and m_hi <= _SPLIT_MAX_M:
+        # Decode: each of a q row's three tiles is quantized by a program of its own. All three
+        # read and reduce the whole row, as the unsplit program does (the same bits: the same
+        # warps and order), so the chain of dependent work before the last store is a third of
+        # the encoding. H200, DeepSeek strided, µs at M = 1 / 16 (the plain norm 1.41 / 1.49):
+        # FP8 1x128 1.62 / 1.68 -> 1.48 / 1.59, 1x32 1.57 / 1.63 -> 1.47 / 1.57, e4m3fnuz 1x128
+        # 2.03 / 2.08 -> 1.60 / 1.67, e4m3fnuz per token 2.00 / 2.05 -> 1.79 / 1.88, MXFP4 1.63 /
+        # 1.68 -> 1.51 / 1.67. Per-token e4m3fn (the hardware encoder: little to split, and every
+        # program still needs the row's whole amax) went 1.62 -> 1.64, and at 256 rows every mode
+        # but e4m3fnuz 1x128 got slower (FP8 1x128 2.01 -> 2.17; three times the programs). Only
+        # where no q output is written in place (q_out and q_res_out absent): the programs of a
+        # row read all of it while each writes its tile.
+        cfg = replace(cfg, q_split=True)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
         # and bytes in one launch instead of two (the amax launch cost 1.7-1.8 µs at M = 1).
@@ -530,6 +548,9 @@ class TritonBackend:
             reload_q=caps and not q_chunked and mode is QuantMode.FP8_GROUP
             and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value,
             k_early=caps and mode is QuantMode.FP8_TOKEN and not q_chunked and not k_chunked and k_nt == 1,
+            split_q=torch.version.hip is None and mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not q_chunked
+            and tiles[False][1] > 1 and req.q_out is None and req.q_residual is None
+            and not (mode is QuantMode.FP8_TOKEN and constexprs["FP8_ENC"] == te.FP8_HW_FN.value),
         )  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -588,7 +609,7 @@ class TritonBackend:
         q_ng, q_nt, q_gs = plan.tiles[cfg.one_tile]
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first,
-                  "RELOAD": cfg.reload, "K_EARLY": cfg.k_early}  # fmt: skip
+                  "RELOAD": cfg.reload, "K_EARLY": cfg.k_early, "Q_SPLIT": cfg.q_split}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
         elif cfg.one_program:
@@ -620,7 +641,7 @@ class TritonBackend:
         elif cfg.one_pass:
             args["q_scale_stride_g"] = 0  # the one scale of a per-token launch over one row (chunked rows index it)
         launch = plan.launches.get(cfg) or self._prepare(plan, cfg, args["K_PTR"] is not None)
-        q_programs = m if plan.q_chunked else -(-m // cfg.q_rows)
+        q_programs = m if plan.q_chunked else -(-m // cfg.q_rows) * (launch.consts["Q_NT"] if cfg.q_split else 1)
         k_programs = 0
         if args["K_PTR"] is not None and not launch.k_with_q:
             k_programs = m if plan.k_chunked else -(-m // cfg.k_rows)

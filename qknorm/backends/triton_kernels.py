@@ -145,18 +145,21 @@ def _write_tile(
 
 @triton.jit
 def _rows(
-    row0, M, eps, scale,
+    row0, part, M, eps, scale,
     X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
     NATIVE_CAST: tl.constexpr, FMA: tl.constexpr, W_FIRST: tl.constexpr, RELOAD: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole rows in registers as NT (1 to 3) tiles a, b, c of the same shape [ROWS, NG, GS].
 
     Tiles of one shape combine element by element, so the row's sum of squares (and amax) is a
     single reduction after every load is issued: one memory round trip per row.
+    SPLIT: the program reads and reduces whole rows as above but writes tile ``part`` only (NT
+    programs share a row, each quantizing a third of it: see the kernel's Q_SPLIT).
     Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX and Q_TENSOR_ONE modes, else 0.
     """
     rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS)
@@ -211,39 +214,42 @@ def _rows(
             amax = _row_amax(a, ROWS)
             if Q_MODE == Q_ROW:
                 scale = amax * INV_FMAX
-                tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask)
+                tl.store(SCALE_PTR + rows * scale_stride_m, scale, mask=rmask & (part == 0))
             elif ROWS > 1:  # rows past M would add rsqrt(eps)-scaled zeros (NaN for eps = 0)
                 amax = tl.reduce(tl.where(rmask, amax, 0.0), None, max_nan)
             if Q_MODE == Q_TENSOR_ONE:
                 scale = amax * INV_FMAX
                 tl.store(SCALE_PTR, scale)
     if Q_MODE != Q_AMAX:
-        if AGAIN:
-            xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
-            ya = (xa * rstd) * wa
-        _write_tile(
-            xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
-            QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-        )  # fmt: skip
+        if not SPLIT or part == 0:
+            if AGAIN:
+                xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+                ya = (xa * rstd) * wa
+            _write_tile(
+                xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+                QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+            )  # fmt: skip
         if NT > 1:
-            if AGAIN:
-                xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
-                yb = (xb * rstd) * wb
-            _write_tile(
-                xb, yb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
-                QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-            )  # fmt: skip
+            if not SPLIT or part == 1:
+                if AGAIN:
+                    xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+                    yb = (xb * rstd) * wb
+                _write_tile(
+                    xb, yb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+                    QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                    GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+                )  # fmt: skip
         if NT > 2:
-            if AGAIN:
-                xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
-                yc = (xc * rstd) * wc
-            _write_tile(
-                xc, yc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
-                QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-                GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
-            )  # fmt: skip
+            if not SPLIT or part == 2:
+                if AGAIN:
+                    xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+                    yc = (xc * rstd) * wc
+                _write_tile(
+                    xc, yc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
+                    QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
+                    GS, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA,
+                )  # fmt: skip
     return amax
 
 
@@ -308,16 +314,17 @@ def _row_chunked(
 
 @triton.jit
 def _q_block(
-    blk, M, eps, scale,
+    blk, part, M, eps, scale,
     X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
     OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, SPAN: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
-    W_FIRST: tl.constexpr, RELOAD: tl.constexpr,
+    W_FIRST: tl.constexpr, RELOAD: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups.
+    """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups;
+    with SPLIT, tile ``part`` of them only (:func:`_rows`).
 
     Returns the block's amax in Q_AMAX mode, else 0.
     """
@@ -330,10 +337,10 @@ def _q_block(
         )  # fmt: skip
     else:
         return _rows(
-            blk * ROWS, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
+            blk * ROWS, part, M, eps, scale, X_PTR, x_stride, RES_PTR, res_stride, W_PTR,
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
-            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD,
+            N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD, SPLIT,
         )  # fmt: skip
 
 
@@ -352,8 +359,9 @@ def _k_block(
         )  # fmt: skip
     else:
         _rows(
-            blk * ROWS, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
+            blk * ROWS, 0, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
             None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA, W_FIRST, False,
+            False,
         )  # fmt: skip
 
 
@@ -415,6 +423,7 @@ def _qk_rmsnorm_kernel(
     W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (see _rows)
     RELOAD: tl.constexpr,  # q rows (groups or no quantization): x read again after the reduction (see _rows)
     K_EARLY: tl.constexpr,  # K_WITH_Q, k rows of one tile: k's loads requested before the q rows' work
+    Q_SPLIT: tl.constexpr,  # Q_NT programs per q row block, each writing one tile (q_programs counts them all)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -433,16 +442,21 @@ def _qk_rmsnorm_kernel(
             blk = pid
             while blk < (M if Q_CHUNKED else tl.cdiv(M, Q_ROWS)):
                 amax = max_nan(amax, _q_block(
-                    blk, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
+                    blk, 0, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                     None, None, None, None, None, None, None, None, None,
                     N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, False,
+                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, False, False,
                 ))  # fmt: skip
                 blk += q_programs
             tl.store(AMAX_PTR + pid, amax)
         else:
             scale = 0.0
-            blk = pid
+            blk, part = pid, 0
+            if Q_SPLIT:
+                # The Q_NT programs of a row block reduce the whole rows in the same order as one
+                # program does (the same bits), and each writes its own tile: a third of the
+                # encoding work per program.
+                blk, part = pid // Q_NT, pid % Q_NT
             if Q_MODE == Q_TENSOR:
                 p = tl.arange(0, AMAX_BLOCK)
                 amax = tl.reduce(tl.load(AMAX_PTR + p, mask=p < amax_count, other=0.0), None, max_nan)
@@ -459,11 +473,11 @@ def _qk_rmsnorm_kernel(
             if EARLY:
                 kx, kw, krows, kcols, kmask = _k_early_loads(blk, M, K_PTR, k_stride, K_W_PTR, N2, K_ROWS, K_NG, K_GS)
             _q_block(
-                blk, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
+                blk, part, M, q_eps, scale, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD,
+                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD, Q_SPLIT,
             )  # fmt: skip
             if EARLY:
                 _k_early_finish(kx, kw, krows, kcols, kmask, k_eps, K_OUT_PTR, k_out_stride, N2, K_ROWS, GEMMA, NATIVE_CAST)
