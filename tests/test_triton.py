@@ -717,6 +717,8 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
             device=DEVICE), q_out_scale=torch.empty(2, 1536 // gs, dtype=torch.float32, device=DEVICE),
         )  # fmt: skip
         plan = be._plan(fnuz, fnuz.key())
+        # their integer encoder splits q rows over a program per tile up to 256 rows (not on ROCm)
+        assert [tb._config(plan, tb._bucket(m)).q_split for m in (1, 256, 257)] == [not rocm, not rocm, False]
         assert tb._config(plan, tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, reload=compiled)
         assert tb._config(plan, tb._bucket(16384)) == tb._Config(
             1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled)  # fmt: skip

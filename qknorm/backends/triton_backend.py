@@ -18,8 +18,8 @@ Heuristics (measured numbers in the notes block below)
   :func:`_config`). The plain norm: about ``_EPT_DECODE`` elements per thread, one k row per
   program; MXFP4 likewise with k rows in blocks of ``_TILE_NORM`` elements; FP8 as at prefill
   (one warp per DeepSeek q row, k rows a q row's worth per program). Up to ``_SPLIT_MAX_M``
-  rows a quantized q row of several tiles is written by one program per tile, each reducing the
-  whole row (``_Config.q_split``).
+  rows (256 for e4m3fnuz groups) a quantized q row of several tiles is written by one program per
+  tile, each reducing the whole row (:meth:`TritonBackend._split_max_m`).
 - Prefill: the plain norm in programs of ``_TILE_NORM`` elements (2 DeepSeek q rows or 8 k
   rows); quantizing calls with one warp per q row and k rows in programs of their own up to
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
@@ -89,7 +89,7 @@ _DECODE_MAX_M = 256
 _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up to this many rows
 _QUANT_MID_MAX_M = 8192  # ... and k rows apart (one warp per q row, two per token) up to this many
 _W_FIRST_MAX_M = 16384  # quantizing programs request their weights first up to this many rows (_weights_first)
-_SPLIT_MAX_M = 16  # quantizing calls split each q row over one program per tile up to this many rows (_config)
+_SPLIT_MAX_M = 16  # quantizing calls split each q row over one program per tile up to this many rows (_split_max_m)
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
 _BUCKETS = (1, 16, 256, 2048, 8192, 16384)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
@@ -211,7 +211,7 @@ class _Plan:
     caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
     reload_q: bool = False  # e4m3fnuz groups in compiled NVIDIA code: x read again above 8192 rows (_config)
     k_early: bool = False  # per-token FP8 in compiled NVIDIA code, k of one tile: k's loads first with k rows in the q programs
-    split_q: bool = False  # q rows of several tiles, nothing written in place: one program per tile at decode (_config)
+    split_max_m: int = 0  # q rows split over one program per tile up to this many rows (_config; 0: never)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -276,18 +276,7 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # 16384, 103.62 -> 111.21 at 65536: its programs need the registers); e4m3fnuz groups
         # gained under 1%.
         cfg = replace(cfg, k_early=True, maxnreg=96 if plan.fnuz_view and cfg.w_first else None)
-    if plan.split_q and m_hi <= _SPLIT_MAX_M:
-        # Decode: each of a q row's three tiles is quantized by a program of its own. All three
-        # read and reduce the whole row, as the unsplit program does (the same bits: the same
-        # warps and order), so the chain of dependent work before the last store is a third of
-        # the encoding. H200, DeepSeek strided, µs at M = 1 / 16 (the plain norm 1.41 / 1.49):
-        # FP8 1x128 1.62 / 1.68 -> 1.48 / 1.59, 1x32 1.57 / 1.63 -> 1.47 / 1.57, e4m3fnuz 1x128
-        # 2.03 / 2.08 -> 1.60 / 1.67, e4m3fnuz per token 2.00 / 2.05 -> 1.79 / 1.88, MXFP4 1.63 /
-        # 1.68 -> 1.51 / 1.67. Per-token e4m3fn (the hardware encoder: little to split, and every
-        # program still needs the row's whole amax) went 1.62 -> 1.64, and at 256 rows every mode
-        # but e4m3fnuz 1x128 got slower (FP8 1x128 2.01 -> 2.17; three times the programs). Only
-        # where no q output is written in place (q_out and q_res_out absent): the programs of a
-        # row read all of it while each writes its tile.
+    if m_hi <= plan.split_max_m:  # decode: a program per q tile (TritonBackend._split_max_m)
         cfg = replace(cfg, q_split=True)
     if plan.two_pass and m_hi == 1:
         # One row: the tensor's amax is the row's, so the per-token launch computes the same scale
@@ -548,12 +537,45 @@ class TritonBackend:
             reload_q=caps and not q_chunked and mode is QuantMode.FP8_GROUP
             and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value,
             k_early=caps and mode is QuantMode.FP8_TOKEN and not q_chunked and not k_chunked and k_nt == 1,
-            split_q=torch.version.hip is None and mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not q_chunked
-            and tiles[False][1] > 1 and req.q_out is None and req.q_residual is None
-            and not (mode is QuantMode.FP8_TOKEN and constexprs["FP8_ENC"] == te.FP8_HW_FN.value),
+            split_max_m=self._split_max_m(req, tiles[False][1], q_chunked, constexprs["FP8_ENC"]),
         )  # fmt: skip
         self._plans[key] = plan
         return plan
+
+    def _split_max_m(self, req: Any, q_nt: int, q_chunked: bool, fp8_enc: int) -> int:
+        """Up to how many rows each of a quantized q row's tiles is written by a program of its own (0: never).
+
+        All the programs of a row read and reduce the whole row, as the unsplit program does (the
+        same warps and order: the same bits), and each quantizes its tile: the dependent work
+        before the last store holds a third of the encoding. Not where a q output may be written
+        in place (q_out, q_res_out: the programs of a row read all of it while each writes its
+        tile), nor for per-tensor FP8. H200, DeepSeek strided, graph-replay µs against the plain
+        norm's (1.41-1.44 at M = 1, 1.49-1.52 at 16, 1.55 at 17, 1.65 at 64, 1.87-1.89 at 256):
+
+        - up to 16 rows: FP8 1x128 1.62 -> 1.49 at M = 1 and 1.71 -> 1.60 at 16, 1x32 1.61 ->
+          1.52, MXFP4 1.65 -> 1.54 and 1.72 -> 1.71, e4m3fnuz per token 2.02 -> 1.82 and 2.08 ->
+          1.90. Per-token e4m3fn (the hardware encoder: little to split, and every program still
+          reduces the row's amax) 1.63 -> 1.64: not split.
+        - above, up to 256 rows, only the e4m3fnuz groups (the integer encoder) gain: 1x128 2.08
+          -> 1.68 at 17, 2.13 -> 1.81 at 64, 2.28 -> 2.16 at 256 (three times the programs);
+          FP8 1x128 went 1.83 -> 1.86 at 128 and 1.94 -> 2.14 at 256, MXFP4 1.73 -> 1.79 at 64,
+          and e4m3fnuz per token 2.29 -> 2.39 at 256.
+
+        Not on ROCm, where it was not measured.
+        """
+        from . import triton_quant_kernels as te
+
+        mode = req.mode
+        if (
+            torch.version.hip is not None or q_nt == 1 or q_chunked or req.q_out is not None
+            or req.q_residual is not None or mode in (QuantMode.NONE, QuantMode.FP8_TENSOR)
+        ):  # fmt: skip
+            return 0
+        if mode is QuantMode.FP8_GROUP and fp8_enc == te.FP8_SOFT_FNUZ.value:
+            return _DECODE_MAX_M
+        if mode is QuantMode.FP8_TOKEN and fp8_enc == te.FP8_HW_FN.value:
+            return 0
+        return _SPLIT_MAX_M
 
     def _register_caps(self, q_mode: int, tiles: tuple[int, int, int]) -> tuple[int, int] | None:
         """Registers per thread of the one-warp programs (k rows with their q row, k rows apart), where
