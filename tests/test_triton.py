@@ -597,7 +597,7 @@ def test_k_loads_first_in_place() -> None:
 def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
     """Q_SPLIT: each of a q row block's three tiles is written by a program of its own, every one of
     them reducing the whole rows: every output is bit for bit the unsplit launch's (one row, M = 5,
-    is three programs; the last block of two rows is half past M)."""
+    is three programs; the last block of two rows is half past M), and q's the reference's."""
     plain, split = _mode_request(mode, 5, 768, 500)
     be = TritonBackend()
     plan = be._plan(plain, plain.key())
@@ -607,6 +607,13 @@ def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: t
     for name in ("k_out", "q_quant", "q_scale"):
         a, b = getattr(plain, name), getattr(split, name)
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    expected = _mode_request(mode, 5, 768, 500)[1]
+    qk_rmsnorm_reference(expected)
+    if mode is QuantMode.MXFP4:
+        assert_mxfp4_close(split.q_quant, split.q_scale, expected.q_quant, expected.q_scale)  # type: ignore[arg-type]
+    else:
+        assert_fp8_close(split.q_quant, expected.q_quant)  # type: ignore[arg-type]
+        assert_scales_close(split.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
