@@ -616,6 +616,28 @@ def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: t
         assert_scales_close(split.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
+                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
+                                  QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
+def test_k_tail_changes_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """k_tail: the last tenth of the k row blocks (M = 23: two of 23 one-row blocks, or one of 12
+    two-row blocks, half past M) go to programs launched after the q programs, which leave them:
+    every output is bit for bit the configuration's without it, and k_out is the reference's."""
+    plain, tail = _mode_request(mode, 23, 768, 500)
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    be._launch(plain, plan, cfg)
+    be._launch(tail, plan, replace(cfg, k_tail=True))
+    for name in ("q_out", "k_out", "q_quant", "q_scale"):
+        a, b = getattr(plain, name), getattr(tail, name)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    expected = _mode_request(mode, 23, 768, 500)[1]
+    qk_rmsnorm_reference(expected)
+    assert_norm_close(tail.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
 @pytest.mark.parametrize("mode", [QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN], ids=lambda m: m.value)
 @pytest.mark.parametrize("m", [2, 20000] if ON_GPU else [2], ids=lambda m: f"m{m}")
@@ -712,7 +734,9 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         elif mode is QuantMode.FP8_TOKEN:
             assert config(mode, 16384) == replace(big, w_first=not rocm)
         else:
-            assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None), mode
+            # MXFP4 moves the last tenth of its k rows into programs launched last (compiled NVIDIA code)
+            assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None,
+                                                  k_tail=compiled), mode  # fmt: skip
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
     # e4m3fnuz groups (the integer encoder everywhere): compiled NVIDIA code reads x again after
     # the reduction above 8192 rows, uncapped (RELOAD), with the weights first up to 16384
@@ -728,7 +752,8 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         assert [tb._config(plan, tb._bucket(m)).q_split for m in (1, 256, 257)] == [not rocm, not rocm, False]
         assert tb._config(plan, tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, reload=compiled)
         assert tb._config(plan, tb._bucket(16384)) == tb._Config(
-            1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled)  # fmt: skip
+            1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled, k_tail=compiled,
+        )  # fmt: skip
         # weights first at 257-8192 rows for groups of 128 only, then capped at 96 registers
         mid = tb._config(plan, tb._bucket(4096))
         assert mid == (tb._Config(1, 4, 1, w_first=not rocm, maxnreg=96 if compiled else None) if gs == 128

@@ -1,7 +1,8 @@
 """Triton kernels of the fused Q/K RMSNorm (SPEC §4): ``@triton.jit`` code only.
 
 One launch covers q rows and k rows: programs ``[0, q_programs)`` own q row blocks (and, with
-``K_WITH_Q``, the k rows of the same indices), the rest own k row blocks. A row block is held
+``K_WITH_Q``, the k rows of the same indices, but for the last ones when the grid holds
+programs past the q programs), the rest own k row blocks. A row block is held
 in registers as one to three ``[ROWS, NG, GS]`` tiles side by side: ``GS`` is the quantization
 group (or the whole tile without groups), and three tiles cover rows of 3 * 2^k columns without
 padding (DeepSeek's q rows of 1536 are 3 x 512, not a 2048-wide tile of which a quarter would
@@ -412,7 +413,7 @@ def _qk_rmsnorm_kernel(
     Q_SPAN: tl.constexpr,  # chunked q rows: columns sharing one scale (Q_ROW), else N1
     K_ROWS: tl.constexpr, K_NG: tl.constexpr, K_NT: tl.constexpr, K_GS: tl.constexpr,  # k tiles, likewise
     K_CHUNKED: tl.constexpr,
-    K_WITH_Q: tl.constexpr,  # q program p also normalizes k row block p (K_ROWS == Q_ROWS)
+    K_WITH_Q: tl.constexpr,  # q program p also normalizes k row block p (K_ROWS == Q_ROWS), but for a tail past them
     GEMMA: tl.constexpr,
     Q_MODE: tl.constexpr,  # one of Q_NONE .. Q_TENSOR_ONE
     INV_FMAX: tl.constexpr,  # fl32(1/FMAX) of the FP8 flavour
@@ -482,12 +483,17 @@ def _qk_rmsnorm_kernel(
             if EARLY:
                 _k_early_finish(kx, kw, krows, kcols, kmask, k_eps, K_OUT_PTR, k_out_stride, N2, K_ROWS, GEMMA, NATIVE_CAST)
             elif K_WITH_Q:
-                _k_block(
-                    blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
-                    N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
-                )  # fmt: skip
+                # The last k row blocks may have programs of their own past the q programs (the
+                # grid says how many: see the backend's k tail); the q programs keep the others
+                # (with Q_SPLIT, the first program of each row block).
+                if blk < tl.cdiv(M, K_ROWS) - (tl.num_programs(0) - q_programs) and (not Q_SPLIT or part == 0):
+                    _k_block(
+                        blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
+                        N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
+                    )  # fmt: skip
     elif K_PTR is not None:
+        # k row blocks in programs of their own: all of them, or with K_WITH_Q the last ones
         _k_block(
-            pid - q_programs, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
-            N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
+            pid - (tl.num_programs(0) - tl.cdiv(M, K_ROWS) if K_WITH_Q else q_programs), M, k_eps, K_PTR, k_stride,
+            K_W_PTR, K_OUT_PTR, k_out_stride, N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
         )  # fmt: skip
