@@ -28,8 +28,9 @@ Heuristics (measured numbers in the notes block below)
   with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers (88 with
   k rows apart: :meth:`TritonBackend._register_caps`); e4m3fnuz groups read x again after the reduction
   instead of holding it (``_Config.reload``); per-token FP8 requests its k row's loads before the
-  q row's work (``_Config.k_early``). FP8 q rows are spread over the same warps in every
-  bucket (batch invariance of the fp32 scales).
+  q row's work (``_Config.k_early``); up to 16384 rows MXFP4 and e4m3fnuz groups leave the last
+  tenth of the k rows to programs launched after the q programs (``_Config.k_tail``). FP8 q rows
+  are spread over the same warps in every bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
   barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
 - Per-tensor FP8: a single row is one per-token launch; up to ``_TENSOR_ONE_MAX_M`` rows
@@ -282,12 +283,12 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     if plan.k_tail and cfg.k_with_q and m_hi <= _W_FIRST_MAX_M:
         # A launch ends with its last q programs encoding while memory idles. Moving the last
         # tenth of the k rows into programs of their own, launched after every q program, fills
-        # that end with the k rows' traffic. H200,
-        # DeepSeek, strided / contiguous, µs at M = 16384 (share of the k row blocks moved):
-        # MXFP4 29.23 / 28.82 -> 28.75 / 28.35 (1/31), 28.64 / 28.29 (1/10), 28.85 / 28.53 (1/5),
-        # 29.93 / 29.74 (2/5); e4m3fnuz 1x128 30.76 / 30.36 -> 30.06 / 29.74 (1/10). At 65536 rows
-        # MXFP4 got slower (103.47 / 102.26 -> 103.72 / 102.57) and e4m3fnuz gained 0.5%; not
-        # taken there. Outputs are bit for bit the same (tests/test_triton.py).
+        # that end with the k rows' traffic. H200, DeepSeek, strided / contiguous, µs at M = 16384:
+        # MXFP4 29.06 / 28.68 -> 28.47 / 28.10, e4m3fnuz 1x128 30.67 / 30.21 -> 29.88 / 29.52, 1x32
+        # 30.82 / 30.28 -> 30.11 / 29.60. The share, swept on MXFP4 (29.23 / 28.82 without): 1/31
+        # 28.75 / 28.35, 1/10 28.64 / 28.29, 1/5 28.85 / 28.53, 2/5 29.93 / 29.74. At 65536 rows
+        # MXFP4 got slower (103.47 / 102.26 -> 103.72 / 102.57 with 1/10) and e4m3fnuz gained
+        # 0.5%: not taken there. Outputs are bit for bit the same (tests/test_triton.py).
         cfg = replace(cfg, k_tail=True)
     if m_hi <= plan.split_max_m:  # decode: a program per q tile (TritonBackend._split_max_m)
         cfg = replace(cfg, q_split=True)
