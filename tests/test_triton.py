@@ -534,6 +534,30 @@ def test_every_launch_configuration_matches_reference(mode: QuantMode, cfg: tb._
         assert_scales_close(actual.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+def _same_bits_with(mode: QuantMode, m: int, n2: int, cfg: tb._Config, **knob: bool):
+    """Launch ``cfg`` and ``cfg`` with ``knob`` on two copies of one request (q 768 wide) and assert
+    that every output is bit for bit the same; returns the knob's request, the plan and how many
+    outputs were compared."""
+    plain, other = _mode_request(mode, m, 768, n2)
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    be._launch(plain, plan, cfg)
+    be._launch(other, plan, replace(cfg, **knob))
+    compared = 0
+    for name in ("q_out", "k_out", "q_quant", "q_scale"):
+        a, b = getattr(plain, name), getattr(other, name)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+            compared += 1
+    return other, plan, compared
+
+
+def _k_out_is_the_reference(actual, mode: QuantMode, m: int, n2: int) -> None:
+    expected = _mode_request(mode, m, 768, n2)[1]
+    qk_rmsnorm_reference(expected)
+    assert_norm_close(actual.k_out, expected.k_out, "k_out")
+
+
 @pytest.mark.parametrize("knob", ["w_first", "reload"])
 @pytest.mark.parametrize("cfg", [tb._Config(1, 4, 1), tb._Config(1, 1, 4, one_tile=True), tb._Config(2, 2, 2, k_with_q=True)],
                          ids=repr)  # fmt: skip
@@ -543,17 +567,7 @@ def test_load_order_knobs_change_no_output_bit(mode: QuantMode, cfg: tb._Config,
     """W_FIRST only moves the weight loads ahead of x's, behind a barrier; RELOAD reads x again
     after the reduction instead of holding it: every output is bit for bit what the same
     configuration gives without them (on a GPU: two compiled programs)."""
-    plain, first = _mode_request(mode, 5, 768, 700)
-    be = TritonBackend()
-    plan = be._plan(plain, plain.key())
-    be._launch(plain, plan, cfg)
-    be._launch(first, plan, replace(cfg, **{knob: True}))
-    compared = 0
-    for name in ("q_out", "k_out", "q_quant", "q_scale"):
-        a, b = getattr(plain, name), getattr(first, name)
-        if a is not None:
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
-            compared += 1
+    _, _, compared = _same_bits_with(mode, 5, 700, cfg, **{knob: True})
     assert compared == 2 if mode is QuantMode.NONE else 3
 
 
@@ -565,19 +579,9 @@ def test_k_loads_first_change_no_output_bit(mode: QuantMode, cfg: tb._Config) ->
     """K_EARLY requests the k row's loads before the q row's work and normalizes it after, for a k
     row of one tile: every output is bit for bit the same configuration's without it, and k_out
     is the reference's."""
-    plain, early = _mode_request(mode, 5, 768, 500)
-    be = TritonBackend()
-    plan = be._plan(plain, plain.key())
+    early, plan, _ = _same_bits_with(mode, 5, 500, cfg, k_early=True)
     assert plan.constexprs["K_NT"] == 1 and not plan.k_chunked  # the layout K_EARLY serves
-    be._launch(plain, plan, cfg)
-    be._launch(early, plan, replace(cfg, k_early=True))
-    for name in ("q_out", "k_out", "q_quant", "q_scale"):
-        a, b = getattr(plain, name), getattr(early, name)
-        if a is not None:
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
-    expected = _mode_request(mode, 5, 768, 500)[1]
-    qk_rmsnorm_reference(expected)
-    assert_norm_close(early.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+    _k_out_is_the_reference(early, mode, 5, 500)
 
 
 def test_k_loads_first_in_place() -> None:
@@ -598,15 +602,8 @@ def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: t
     """Q_SPLIT: each of a q row block's three tiles is written by a program of its own, every one of
     them reducing the whole rows: every output is bit for bit the unsplit launch's (one row, M = 5,
     is three programs; the last block of two rows is half past M), and q's the reference's."""
-    plain, split = _mode_request(mode, 5, 768, 500)
-    be = TritonBackend()
-    plan = be._plan(plain, plain.key())
-    assert plan.tiles[False][1] == 3 and not plan.q_chunked  # the layout Q_SPLIT serves
-    be._launch(plain, plan, cfg)
-    be._launch(split, plan, replace(cfg, q_split=True))
-    for name in ("k_out", "q_quant", "q_scale"):
-        a, b = getattr(plain, name), getattr(split, name)
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    split, plan, compared = _same_bits_with(mode, 5, 500, cfg, q_split=True)
+    assert compared == 3 and plan.tiles[False][1] == 3 and not plan.q_chunked  # the layout Q_SPLIT serves
     expected = _mode_request(mode, 5, 768, 500)[1]
     qk_rmsnorm_reference(expected)
     if mode is QuantMode.MXFP4:
@@ -624,18 +621,8 @@ def test_k_tail_changes_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
     """k_tail: the last tenth of the k row blocks (M = 23: two of 23 one-row blocks, or one of 12
     two-row blocks, half past M) go to programs launched after the q programs, which leave them:
     every output is bit for bit the configuration's without it, and k_out is the reference's."""
-    plain, tail = _mode_request(mode, 23, 768, 500)
-    be = TritonBackend()
-    plan = be._plan(plain, plain.key())
-    be._launch(plain, plan, cfg)
-    be._launch(tail, plan, replace(cfg, k_tail=True))
-    for name in ("q_out", "k_out", "q_quant", "q_scale"):
-        a, b = getattr(plain, name), getattr(tail, name)
-        if a is not None:
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
-    expected = _mode_request(mode, 23, 768, 500)[1]
-    qk_rmsnorm_reference(expected)
-    assert_norm_close(tail.k_out, expected.k_out, "k_out")  # type: ignore[arg-type]
+    tail, _, _ = _same_bits_with(mode, 23, 500, cfg, k_tail=True)
+    _k_out_is_the_reference(tail, mode, 23, 500)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
