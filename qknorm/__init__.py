@@ -15,6 +15,8 @@ Public entry points (SPEC §2):
 - :func:`warmup` - probe, select and compile ahead of CUDA-graph capture, for either operator
   (``warmup(...)`` or ``warmup("qk_norm_rope", ...)``); :func:`warmup_qk_rmsnorm` and
   :func:`warmup_qk_norm_rope` are its two operators' typed forms.
+- :func:`set_pdl` / :func:`pdl_enabled` - launch the Triton kernels with programmatic dependent
+  launch (NVIDIA sm_90+; off by default).
 - ``torch.ops.qknorm.fused_qk_rmsnorm`` (:mod:`qknorm.ops`) and ``torch.ops.qknorm.qk_norm_rope``
   (:mod:`qknorm.rope.ops`) - the custom ops torch.compile sees; the entries route through them
   while compiling.
@@ -32,6 +34,7 @@ from .api import (
     fused_qk_rmsnorm_per_token_quant,
     qk_rmsnorm,
 )
+from .backends.triton_launch import pdl_enabled, set_pdl
 from .nn import MLAQKNorm, MLAQKNormOutput, QKNormRoPE
 from .quant import QuantMode, QuantType
 from .rope import QKNormRopeOutput, qk_norm_rope
@@ -54,6 +57,8 @@ __all__ = [
     "fused_qk_rmsnorm_per_token_quant",
     "qk_rmsnorm",
     "qk_norm_rope",
+    "pdl_enabled",
+    "set_pdl",
     "warmup",
     "warmup_qk_norm_rope",
     "warmup_qk_rmsnorm",

@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .backends import registry
 from .backends.base import Backend
+from .backends.triton_launch import pdl_enabled
 from .checks import build_request
 from .quant import QuantMode, native_fp8_dtype
 from .reference import e8m0_to_float, qk_rmsnorm_reference
@@ -240,7 +241,9 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     how = f"{registry.ENV_VAR}={','.join(names)}" if explicit else "default: aiter on ROCm, triton on GPUs, torch"
-    print(f"priority: {', '.join(names)} ({how})\n")
+    print(f"priority: {', '.join(names)} ({how})")
+    pdl = "on" if pdl_enabled() else "off (qknorm.set_pdl(True) turns it on)"
+    print(f"programmatic dependent launch of the Triton kernels (NVIDIA sm_90+): {pdl}\n")
     infos = registry.describe()
     print(_table([(i.name, "yes" if i.available else "no", i.reason) for i in infos], ("backend", "available", "why")))
     rows = []  # walked before the details are printed: selection runs the behavioural probes they report

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, reference
+from .backends.triton_launch import set_pdl
 from .bench_report import (
     COPY,
     DEFAULT_M,
@@ -123,7 +124,8 @@ def _choice_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Options of ``python -m qknorm bench`` (``--m``, ``--modes``, ``--layouts``, ``--out``, ``--quick``, ``--backend``)."""
+    """Options of ``python -m qknorm bench`` (``--m``, ``--modes``, ``--layouts``, ``--out``, ``--quick``, ``--backend``,
+    ``--pdl``)."""
     p = argparse.ArgumentParser(
         prog="qknorm bench",
         description="Time qknorm against its peers (CUDA-graph replay and eager per-call latency); "
@@ -139,6 +141,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="triton",
                    help="qknorm backend to time (sets QKNORM_BACKEND for this process), or 'auto' for the "
                    "default priority (default triton)")  # fmt: skip
+    p.add_argument("--pdl", action="store_true",
+                   help="launch qknorm's Triton kernels with programmatic dependent launch (qknorm.set_pdl)")
     ns = p.parse_args(argv)
     if ns.m is None:
         ns.m = QUICK_M if ns.quick else DEFAULT_M
@@ -578,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ok:
             print(f"qknorm backend {args.backend} is unavailable: {why}", file=sys.stderr)
             return 2
+    set_pdl(args.pdl)
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -589,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_csv(rows, csv_path)
     plotted = plot(rows, png_path)
     r0 = rows[0]
-    print(f"\n{r0.gpu}, torch {r0.torch}, triton {r0.triton}, qknorm {r0.qknorm}, {r0.date}\n")
+    pdl = ", programmatic dependent launch" if args.pdl else ""
+    print(f"\n{r0.gpu}, torch {r0.torch}, triton {r0.triton}, qknorm {r0.qknorm}{pdl}, {r0.date}\n")
     print(markdown_tables(rows))
     print(targets_markdown(rows))
     print(f"\nwrote {csv_path}" + (f" and {png_path}" if plotted else " (no plot: matplotlib is not importable)"))

@@ -25,6 +25,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (NVIDIA sm_90+); compiled only where the launcher asks for it
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - a Triton without CUDA's extras: PDL is never requested
+    gdc_launch_dependents = gdc_wait = None
+
 from .triton_quant_kernels import e2m1_codes, e8m0, fp8_codes, max_nan, nan_amax, to_f32, to_out
 
 __all__ = ["_qk_rmsnorm_kernel"]
@@ -425,6 +430,7 @@ def _qk_rmsnorm_kernel(
     RELOAD: tl.constexpr,  # q rows (groups or no quantization): x read again after the reduction (see _rows)
     K_EARLY: tl.constexpr,  # K_WITH_Q, k rows of one tile: k's loads requested before the q rows' work
     Q_SPLIT: tl.constexpr,  # Q_NT programs per q row block, each writing one tile (q_programs counts them all)
+    PDL: tl.constexpr,  # programmatic dependent launch (NVIDIA sm_90+): triton_launch.PDL_OFF, _TRIGGER or _WAIT
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -436,6 +442,13 @@ def _qk_rmsnorm_kernel(
     q's row blocks from the last to the first; or, for a few rows, one launch whose one q
     program holds them all (Q_TENSOR_ONE).
     """
+    if PDL:
+        # Launched while the previous kernel in the stream may still run: nothing is read or
+        # written before it has completed (gdc_wait); with PDL_TRIGGER the next kernel may then
+        # be launched too, to wait in its turn.
+        gdc_wait()
+        if PDL == 1:  # PDL_TRIGGER
+            gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < q_programs:
         if Q_MODE == Q_AMAX:  # a capped grid: each program folds several row blocks into one partial

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..backends.triton_launch import set_pdl
 from ..bench import eager_time_us, graph_time_us
 from ..bench_report import buffer_sets
 from . import triton_launch
@@ -232,11 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep", default="1,64,256,16384", help="token counts of the launch sweep ('' for none)")
     p.add_argument("--out", default="bench-out", help="folder for bench_rope.csv")
     p.add_argument("--commit", default=os.environ.get("QKNORM_COMMIT", "unknown"), help="commit recorded in the CSV")
+    p.add_argument("--pdl", action="store_true",
+                   help="launch qknorm's Triton kernels with programmatic dependent launch (qknorm.set_pdl)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("qknorm bench rope: needs a CUDA GPU")
         return 2
     os.environ.setdefault("QKNORM_BACKEND", "triton")
+    set_pdl(args.pdl)
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     props = torch.cuda.get_device_properties(dev)
@@ -245,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
-    meta = f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {args.commit}, {stamp}"
+    pdl = ", programmatic dependent launch" if args.pdl else ""
+    meta = f"# {props.name}, torch {torch.__version__}, triton {triton.__version__}, commit {args.commit}{pdl}, {stamp}"
     print(meta, f"; liger {'importable' if c.liger else 'not importable'}", flush=True)
     t0 = time.time()
     rows: list[dict[str, Any]] = []

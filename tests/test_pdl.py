@@ -1,0 +1,217 @@
+"""Programmatic dependent launch (``qknorm.set_pdl``): the switch, which launches use it, and on a
+GPU that its launches compute what plain launches do, also when they start while the kernel that
+writes their inputs still runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import qknorm
+from qknorm.backends import registry
+from qknorm.backends import triton_backend as tb
+from qknorm.backends.triton_launch import PDL_OFF, PDL_TRIGGER, PDL_WAIT, pdl_supported
+from qknorm.checks import build_request
+from qknorm.quant import QuantMode
+from qknorm.rope import triton_launch as rope_launch
+from qknorm.rope.checks import plan_call
+
+SM90 = torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability() >= (9, 0)
+sm90 = pytest.mark.skipif(not SM90, reason="programmatic dependent launch needs an NVIDIA GPU of sm_90 or later")
+
+
+@pytest.fixture
+def pdl_off_after() -> Iterator[None]:
+    yield
+    qknorm.set_pdl(False)
+
+
+def test_set_pdl_switches_and_chooses_backends_again(pdl_off_after: None) -> None:
+    assert not qknorm.pdl_enabled()
+    q, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    qknorm.qk_rmsnorm(q, w)
+    chosen = dict(registry._state.choices)
+    assert chosen
+    qknorm.set_pdl(True)
+    assert qknorm.pdl_enabled()
+    assert registry._state.choices == {}  # compiled variants differ: the backends start over
+    qknorm.qk_rmsnorm(q, w)
+    qknorm.set_pdl(True)  # no change, no reset
+    assert registry._state.choices
+    qknorm.set_pdl(False)
+    assert not qknorm.pdl_enabled()
+
+
+def test_pdl_is_used_on_sm90_cuda_only(pdl_off_after: None) -> None:
+    cpu = torch.device("cpu")
+    assert not pdl_supported(cpu, interpret=False)
+    qknorm.set_pdl(True)
+    assert not pdl_supported(cpu, interpret=False)
+    assert not pdl_supported(cpu, interpret=True)
+    if torch.cuda.is_available():
+        assert pdl_supported(torch.device("cuda"), interpret=False) == SM90
+        assert not pdl_supported(torch.device("cuda"), interpret=True)
+
+
+def _plan(mode: str, m: int = 4) -> tb._Plan:
+    """The Triton plan of a DeepSeek call (q 1536, k 512) with PDL as an sm_90 GPU would have it."""
+    q, k = torch.randn(m, 1536, dtype=torch.bfloat16), torch.randn(m, 512, dtype=torch.bfloat16)
+    fields = dict(q=q, q_weight=torch.ones(1536, dtype=torch.bfloat16), k=k, k_weight=torch.ones(512, dtype=torch.bfloat16),
+                  k_out=torch.empty_like(k))  # fmt: skip
+    if mode == "norm":
+        fields["q_out"] = torch.empty_like(q)
+    else:
+        fields["q_out_quantized"] = torch.empty(m, 1536, dtype=torch.float8_e4m3fn)
+        fields["q_out_scale"] = torch.empty((1,) if mode == "tensor" else (m, 12), dtype=torch.float32)
+        fields["mode"] = QuantMode.FP8_TENSOR if mode == "tensor" else QuantMode.FP8_GROUP
+        fields["group_size"] = None if mode == "tensor" else 128
+    req = build_request(**fields)
+    be = tb.TritonBackend()
+    be.available()
+    plan = be._plan(req, req.key())
+    plan.pdl = True
+    return plan
+
+
+@pytest.mark.parametrize("mode", ["norm", "groups", "hw_groups", "tensor"])
+def test_pdl_rule_of_the_first_operator(mode: str) -> None:
+    """Every bucket waits and lets the next kernel launch, but for the two cells that measured
+    slower that way (triton_backend._pdl): there the programs only wait."""
+    plan = _plan("groups" if mode == "hw_groups" else mode)
+    plan.hw_groups = mode == "hw_groups"
+    got = {tb._bucket_hi(b): tb._config(plan, b).pdl for b in range(len(tb._BUCKETS) + 1)}
+    wait = {"hw_groups": {1 << 20}, "tensor": {8192}}.get(mode, set())
+    assert got == {m: PDL_WAIT if m in wait else PDL_TRIGGER for m in got}
+    plan.pdl = False
+    assert {tb._config(plan, b).pdl for b in range(len(tb._BUCKETS) + 1)} == {PDL_OFF}
+
+
+def test_pdl_rule_of_qk_norm_rope() -> None:
+    q, k = torch.randn(2, 32, 128, dtype=torch.bfloat16), torch.randn(2, 8, 128, dtype=torch.bfloat16)
+    plan = plan_call(q, k, None, None, None, None)
+    got = {t: rope_launch.launch_config(plan, t, pdl=True).pdl for t in (1, 64, 65, 256, 512, 513, 65536)}
+    assert got == {1: PDL_TRIGGER, 64: PDL_TRIGGER, 65: PDL_WAIT, 256: PDL_WAIT, 512: PDL_WAIT, 513: PDL_TRIGGER,
+                   65536: PDL_TRIGGER}  # fmt: skip
+    assert rope_launch.launch_config(plan, 1).pdl == PDL_OFF
+
+
+def test_interpreter_ignores_pdl(pdl_off_after: None) -> None:
+    """With PDL on, CPU calls (the interpreter, or the torch backend) give what they gave before."""
+    q, k = torch.randn(5, 96, dtype=torch.bfloat16), torch.randn(5, 32, dtype=torch.bfloat16)
+    wq, wk = torch.rand(96, dtype=torch.bfloat16), torch.rand(32, dtype=torch.bfloat16)
+    before = qknorm.qk_rmsnorm(q, wq, k, wk, quant="fp8_group", group_size=32)
+    qknorm.set_pdl(True)
+    after = qknorm.qk_rmsnorm(q, wq, k, wk, quant="fp8_group", group_size=32)
+    for a, b in zip(before, after):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _outputs(result: tuple) -> list[torch.Tensor]:
+    return [t.view(torch.uint8) for t in result if t is not None]
+
+
+def _graph_chain(write: Callable[[int], None], op: Callable[[], list[torch.Tensor]], n: int) -> list[list[torch.Tensor]]:
+    """In one CUDA graph, ``n`` times: a kernel writes the inputs (``write(i)``), then ``op`` reads
+    them; each op's outputs are copied aside. Returns the copies after a replay."""
+    write(0)
+    shapes = op()
+    kept = [[torch.empty_like(t) for t in shapes] for _ in range(n)]
+
+    def body() -> None:
+        for i in range(n):
+            write(i)
+            for dst, src in zip(kept[i], op()):
+                dst.copy_(src)
+
+    body()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for row in kept:
+        for t in row:
+            t.fill_(0xA5)
+    graph.replay()
+    torch.cuda.synchronize()
+    return kept
+
+
+_MODES = [(None, None, torch.float8_e4m3fn), ("fp8_group", 128, torch.float8_e4m3fn), ("fp8_group", 32, torch.float8_e4m3fn),
+          ("fp8_token", None, torch.float8_e4m3fn), ("fp8_tensor", None, torch.float8_e4m3fn), ("mxfp4", 32, torch.float8_e4m3fn),
+          ("fp8_group", 128, torch.float8_e4m3fnuz), ("fp8_token", None, torch.float8_e4m3fnuz)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("m", [1, 300, 5000, 20000])
+@pytest.mark.parametrize("quant,gs,fp8", _MODES, ids=lambda v: str(v).replace("torch.", ""))
+def test_gpu_pdl_launches_read_what_the_kernel_before_wrote(quant, gs, fp8, m: int, pdl_off_after: None) -> None:
+    """A chain of (a copy kernel writes the DeepSeek latent, qknorm reads its split views) in one
+    CUDA graph: with PDL each qknorm launch may start before the copy is done, and must wait for
+    it. Every output is bit for bit what plain launches give eagerly."""
+    n = 4 if m > 1000 else 12
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    sources = [torch.randn(m, 2112, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
+    latent = torch.empty(m, 2112, device="cuda", dtype=torch.bfloat16)
+    wq = (1 + 0.1 * torch.randn(1536, device="cuda", generator=gen)).to(torch.bfloat16)
+    wk = (1 + 0.1 * torch.randn(512, device="cuda", generator=gen)).to(torch.bfloat16)
+
+    def op() -> list[torch.Tensor]:
+        return _outputs(qknorm.qk_rmsnorm(latent[:, :1536], wq, latent[:, 1536:2048], wk, quant=quant, group_size=gs,
+                                          fp8_dtype=fp8))  # fmt: skip
+
+    expected = []
+    for s in sources:
+        latent.copy_(s)
+        expected.append([t.clone() for t in op()])
+    qknorm.set_pdl(True)
+    got = _graph_chain(lambda i: latent.copy_(sources[i]), op, n)
+    for i in range(n):
+        for a, b in zip(got[i], expected[i]):
+            assert torch.equal(a, b), f"call {i}"
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("t", [1, 100, 1024])
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["bf16", "fp8"])
+def test_gpu_pdl_qk_norm_rope_reads_what_the_kernel_before_wrote(t: int, fp8_cache: bool, pdl_off_after: None) -> None:
+    """qk_norm_rope likewise: a copy kernel writes the packed qkv, then the op normalizes, rotates
+    and writes the paged cache; q, k and both caches bit for bit as with plain launches."""
+    hq, hk, d, bs, n = 32, 8, 128, 16, 6
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    width = (hq + 2 * hk) * d
+    sources = [torch.randn(t, width, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
+    qkv = torch.empty(t, width, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=1))
+    table = torch.randn(4096, d, device="cuda", dtype=torch.float32, generator=gen)
+    pos = torch.randint(0, 4096, (t,), device="cuda", generator=gen)
+    blocks = -(-t // bs) + 2
+    slots = torch.randperm(blocks * bs, device="cuda", generator=gen)[:t]
+    cdt = torch.float8_e4m3fn if fp8_cache else torch.bfloat16
+    kc, vc = (torch.zeros(blocks, bs, hk, d, device="cuda", dtype=cdt) for _ in range(2))
+    k_out = torch.empty(t, hk, d, device="cuda", dtype=torch.bfloat16)
+    scale = torch.full((1,), 0.05, device="cuda") if fp8_cache else None
+    wq, wk = (torch.rand(d, device="cuda", dtype=torch.bfloat16, generator=gen) + 0.5 for _ in range(2))
+
+    def op() -> list[torch.Tensor]:
+        out = qknorm.qk_norm_rope(q, k, wq, wk, table, pos, k_out=k_out, v=v, k_cache=kc, v_cache=vc,
+                                  slot_mapping=slots, k_scale=scale, v_scale=scale)  # fmt: skip
+        return [out.q.view(torch.uint8), k_out.view(torch.uint8), kc.view(torch.uint8), vc.view(torch.uint8)]
+
+    expected = []
+    for s in sources:
+        qkv.copy_(s)
+        expected.append([x.clone() for x in op()])
+    qknorm.set_pdl(True)
+    got = _graph_chain(lambda i: qkv.copy_(sources[i]), op, n)
+    for i in range(n):
+        for a, b, name in zip(got[i], expected[i], ("q", "k", "k_cache", "v_cache")):
+            assert torch.equal(a, b), f"call {i}: {name}"
