@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qknorm
 from qknorm.__main__ import main
 from qknorm.backends import registry
 from qknorm.request import QKNormRequest
@@ -74,6 +75,7 @@ def test_backends_lists_every_backend_and_who_serves_each_mode_on_cpu(capsys):
     rc, out, _ = run(capsys, "backends")
     assert rc == 0
     assert "priority: aiter, triton, torch (default" in out
+    assert "programmatic dependent launch of the Triton kernels (NVIDIA sm_90+): off" in out
     assert table_rows(out, "torch")[0][1] == "yes"
     for name in ("aiter", "triton"):
         assert table_rows(out, name), name
@@ -251,3 +253,13 @@ def test_console_script_and_module_entry():
     proc = subprocess.run([sys.executable, "-m", "qknorm", "--version"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("qknorm ")
+
+
+def test_backends_says_when_programmatic_dependent_launch_is_on(capsys):
+    qknorm.set_pdl(True)
+    try:
+        rc, out, _ = run(capsys, "backends")
+    finally:
+        qknorm.set_pdl(False)
+    assert rc == 0
+    assert "programmatic dependent launch of the Triton kernels (NVIDIA sm_90+): on" in out

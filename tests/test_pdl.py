@@ -8,6 +8,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, globaltimer
 
 import qknorm
 from qknorm.backends import registry
@@ -88,12 +91,20 @@ def test_pdl_rule_of_the_first_operator(mode: str) -> None:
     assert {tb._config(plan, b).pdl for b in range(len(tb._BUCKETS) + 1)} == {PDL_OFF}
 
 
-def test_pdl_rule_of_qk_norm_rope() -> None:
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["bf16", "fp8"])
+def test_pdl_rule_of_qk_norm_rope(fp8_cache: bool) -> None:
     q, k = torch.randn(2, 32, 128, dtype=torch.bfloat16), torch.randn(2, 8, 128, dtype=torch.bfloat16)
-    plan = plan_call(q, k, None, None, None, None)
-    got = {t: rope_launch.launch_config(plan, t, pdl=True).pdl for t in (1, 64, 65, 256, 512, 513, 65536)}
-    assert got == {1: PDL_TRIGGER, 64: PDL_TRIGGER, 65: PDL_WAIT, 256: PDL_WAIT, 512: PDL_WAIT, 513: PDL_TRIGGER,
-                   65536: PDL_TRIGGER}  # fmt: skip
+    cache = None
+    if fp8_cache:
+        v = torch.randn(2, 8, 128, dtype=torch.bfloat16)
+        cache = dict(v=v, k_cache=torch.empty(4, 16, 8, 128, dtype=torch.float8_e4m3fn),
+                     v_cache=torch.empty(4, 16, 8, 128, dtype=torch.float8_e4m3fn), slot_mapping=torch.arange(2),
+                     k_scale=torch.ones(1), v_scale=torch.ones(1))  # fmt: skip
+    plan = plan_call(q, k, None, None, None, None, **(cache or {}))
+    assert plan.cache_fp8 == fp8_cache
+    got = {t: rope_launch.launch_config(plan, t, pdl=True).pdl for t in (1, 16, 17, 64, 65, 256, 512, 513, 65536)}
+    first_wait = 17 if fp8_cache else 65
+    assert got == {t: PDL_WAIT if first_wait <= t <= 512 else PDL_TRIGGER for t in got}
     assert rope_launch.launch_config(plan, 1).pdl == PDL_OFF
 
 
@@ -113,13 +124,31 @@ def test_interpreter_ignores_pdl(pdl_off_after: None) -> None:
 # ----------------------------------------------------------------------------- GPU
 
 
+@triton.jit
+def _late_copy(SRC, DST, n, DELAY_NS: tl.constexpr, BLOCK: tl.constexpr):
+    """DST = SRC, written DELAY_NS after the kernel lets the next one launch: a kernel launched
+    with PDL behind it that did not wait would read DST's old contents."""
+    gdc_launch_dependents()
+    start = globaltimer()
+    while globaltimer() - start < DELAY_NS:
+        pass
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(DST + o, tl.load(SRC + o, mask=o < n), mask=o < n)
+
+
+def _write_late(src: torch.Tensor, dst: torch.Tensor) -> None:
+    n = src.numel()
+    _late_copy[(triton.cdiv(n, 1024),)](src, dst, n, DELAY_NS=20_000, BLOCK=1024, num_warps=4)
+
+
 def _outputs(result: tuple) -> list[torch.Tensor]:
     return [t.view(torch.uint8) for t in result if t is not None]
 
 
 def _graph_chain(write: Callable[[int], None], op: Callable[[], list[torch.Tensor]], n: int) -> list[list[torch.Tensor]]:
-    """In one CUDA graph, ``n`` times: a kernel writes the inputs (``write(i)``), then ``op`` reads
-    them; each op's outputs are copied aside. Returns the copies after a replay."""
+    """In one CUDA graph, ``n`` times: a kernel writes the inputs late (``write(i)``, after letting
+    the next kernel launch), then ``op`` reads them; each op's outputs are copied aside. Returns
+    the copies after a replay."""
     write(0)
     shapes = op()
     kept = [[torch.empty_like(t) for t in shapes] for _ in range(n)]
@@ -153,9 +182,10 @@ _MODES = [(None, None, torch.float8_e4m3fn), ("fp8_group", 128, torch.float8_e4m
 @pytest.mark.parametrize("m", [1, 300, 5000, 20000])
 @pytest.mark.parametrize("quant,gs,fp8", _MODES, ids=lambda v: str(v).replace("torch.", ""))
 def test_gpu_pdl_launches_read_what_the_kernel_before_wrote(quant, gs, fp8, m: int, pdl_off_after: None) -> None:
-    """A chain of (a copy kernel writes the DeepSeek latent, qknorm reads its split views) in one
-    CUDA graph: with PDL each qknorm launch may start before the copy is done, and must wait for
-    it. Every output is bit for bit what plain launches give eagerly."""
+    """A chain of (a kernel writes the DeepSeek latent, qknorm reads its split views) in one CUDA
+    graph: with PDL each qknorm launch starts before the writer is done (it lets the next kernel
+    launch at once, then writes 20 µs later), and must wait for it. Every output is bit for bit
+    what plain launches give eagerly."""
     n = 4 if m > 1000 else 12
     gen = torch.Generator(device="cuda").manual_seed(m)
     sources = [torch.randn(m, 2112, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
@@ -172,7 +202,7 @@ def test_gpu_pdl_launches_read_what_the_kernel_before_wrote(quant, gs, fp8, m: i
         latent.copy_(s)
         expected.append([t.clone() for t in op()])
     qknorm.set_pdl(True)
-    got = _graph_chain(lambda i: latent.copy_(sources[i]), op, n)
+    got = _graph_chain(lambda i: _write_late(sources[i], latent), op, n)
     for i in range(n):
         for a, b in zip(got[i], expected[i]):
             assert torch.equal(a, b), f"call {i}"
@@ -180,10 +210,10 @@ def test_gpu_pdl_launches_read_what_the_kernel_before_wrote(quant, gs, fp8, m: i
 
 @pytest.mark.gpu
 @sm90
-@pytest.mark.parametrize("t", [1, 100, 1024])
+@pytest.mark.parametrize("t", [1, 40, 100, 1024])
 @pytest.mark.parametrize("fp8_cache", [False, True], ids=["bf16", "fp8"])
 def test_gpu_pdl_qk_norm_rope_reads_what_the_kernel_before_wrote(t: int, fp8_cache: bool, pdl_off_after: None) -> None:
-    """qk_norm_rope likewise: a copy kernel writes the packed qkv, then the op normalizes, rotates
+    """qk_norm_rope likewise: a kernel writes the packed qkv late, then the op normalizes, rotates
     and writes the paged cache; q, k and both caches bit for bit as with plain launches."""
     hq, hk, d, bs, n = 32, 8, 128, 16, 6
     gen = torch.Generator(device="cuda").manual_seed(t)
@@ -211,7 +241,7 @@ def test_gpu_pdl_qk_norm_rope_reads_what_the_kernel_before_wrote(t: int, fp8_cac
         qkv.copy_(s)
         expected.append([x.clone() for x in op()])
     qknorm.set_pdl(True)
-    got = _graph_chain(lambda i: qkv.copy_(sources[i]), op, n)
+    got = _graph_chain(lambda i: _write_late(sources[i], qkv), op, n)
     for i in range(n):
         for a, b, name in zip(got[i], expected[i], ("q", "k", "k_cache", "v_cache")):
             assert torch.equal(a, b), f"call {i}: {name}"

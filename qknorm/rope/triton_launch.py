@@ -73,8 +73,9 @@ _MAX_WARPS = 16
 # 6.32/7.17 / 6.05/6.33; T=1024 9.34/9.61 -> 8.63/9.12 / 9.06/9.46; T=4096 28.49/27.34 ->
 # 27.88/26.72 / 28.15/27.20; T=65536 412.2/394.8 -> 411.2/393.9 / 411.7/394.3. Between 128 and
 # 512 tokens a launch is one to two waves of programs: the next kernel's programs, launched early,
-# take the places of this one's.
+# take the places of this one's. With an FP8 cache the waiting starts above 16 tokens (T=64).
 _PDL_WAIT_T = (64, 512)  # PDL_WAIT for lo < T <= hi
+_PDL_WAIT_T_FP8 = (16, 512)  # ... with an FP8 cache
 
 
 def _next_pow2(n: int) -> int:
@@ -105,7 +106,8 @@ def launch_config(plan: RopePlan, t: int, pdl: bool = False) -> LaunchConfig:
     warps = max(1, min(_MAX_WARPS, rows_q * width // (32 * ept)))
     mode = PDL_OFF
     if pdl:
-        mode = PDL_WAIT if _PDL_WAIT_T[0] < t <= _PDL_WAIT_T[1] else PDL_TRIGGER
+        lo, hi = _PDL_WAIT_T_FP8 if plan.cache_fp8 else _PDL_WAIT_T
+        mode = PDL_WAIT if lo < t <= hi else PDL_TRIGGER
     return LaunchConfig(rows_q, rows_k, _next_pow2(warps), early, mode)
 
 
