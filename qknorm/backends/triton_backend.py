@@ -323,18 +323,18 @@ def _pdl(plan: _Plan, m_hi: int) -> int:
     Each program waits for the previous kernel, then lets the next one launch (PDL_TRIGGER),
     except where that measured slower than a plain launch; there the programs only wait
     (PDL_WAIT), and the next kernel launches as they exit. H200, DeepSeek strided, a chain of
-    calls in one CUDA graph, µs, plain -> PDL_TRIGGER / PDL_WAIT:
+    calls in one CUDA graph, µs (best of three), plain -> PDL_TRIGGER / PDL_WAIT:
 
-    - decode: plain norm 1.46 -> 1.05 / 1.22 at M = 1, 1.66 -> 1.24 / 1.41 at 64, 1.97 -> 1.55 /
-      1.75 at 256; FP8 1x128 1.52 -> 1.07 / 1.29 at M = 1; MXFP4 1.56 -> 1.11 / 1.32; per-token
-      FP8 1.65 -> 1.18 / 1.41; e4m3fnuz 1x128 1.64 -> 1.19 / 1.41; per-tensor FP8 3.79 -> 2.83 /
-      3.30 at 64.
-    - prefill: plain norm 18.36 -> 17.76 / 18.06 at 8192, 130.0 -> 129.3 / 129.8 at 65536;
-      MXFP4 28.6 -> 28.2 / 28.4 at 16384, 104.3 -> 103.3 / 104.2 at 65536.
+    - decode: plain norm 1.46 -> 1.05 / 1.22 at M = 1, 1.66 -> 1.23 / 1.40 at 64, 1.96 -> 1.54 /
+      1.72 at 256; FP8 1x128 1.52 -> 1.07 / 1.29 at M = 1; MXFP4 1.56 -> 1.11 / 1.32; per-token
+      FP8 1.65 -> 1.18 / 1.41; e4m3fnuz 1x128 1.63 -> 1.19 / 1.41; per-tensor FP8 3.78 -> 2.82 /
+      3.29 at 64.
+    - prefill: plain norm 18.32 -> 17.74 / 17.99 at 8192, 129.91 -> 129.25 / 129.59 at 65536;
+      MXFP4 28.56 -> 28.12 / 28.38 at 16384, 104.30 -> 103.18 / 104.05 at 65536.
     - slower with PDL_TRIGGER: FP8 groups through the hardware conversion above 16384 rows
-      (54.9 -> 55.7 / 54.7 at 32768, 106.3 -> 110.4 / 105.7 at 65536), where the next kernel's
-      programs, launched while the last ones run, take their place on the SMs; per-tensor FP8
-      from 2049 to 8192 rows (25.05 -> 25.6 / 24.5 at 8192).
+      (54.87 -> 55.60 / 54.63 at 32768, 106.21 -> 110.40 / 105.61 at 65536), where the next
+      kernel's programs, launched while the last ones run, take their places on the SMs;
+      per-tensor FP8 from 2049 to 8192 rows (25.02 -> 25.57 / 24.46 at 8192).
     """
     if plan.hw_groups and m_hi > _W_FIRST_MAX_M:
         return PDL_WAIT

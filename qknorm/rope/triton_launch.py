@@ -66,14 +66,14 @@ _BUCKETS: tuple[tuple[int | None, int, int, bool], ...] = (
 _MAX_WARPS = 16
 # Programmatic dependent launch (where qknorm.set_pdl turns it on): between these token counts the
 # programs only wait for the previous kernel (PDL_WAIT); elsewhere each also lets the next kernel
-# launch once it may start (PDL_TRIGGER). H200, Qwen3-8B, a chain of calls in one CUDA graph, µs,
-# bf16 / FP8 cache, plain -> PDL_TRIGGER / PDL_WAIT: T=1 1.43/1.55 -> 1.05/1.17 / 1.19/1.31;
-# T=16 1.59/1.72 -> 1.29/1.32 / 1.37/1.48; T=64 1.82/1.89 -> 1.37/1.82 / 1.66/1.65; T=128
-# 2.20/2.33 -> 2.13/2.13 / 1.92/2.13; T=256 2.79/2.74 -> 2.93/3.18 / 2.54/2.50; T=512 6.26/6.53 ->
-# 6.32/7.17 / 6.05/6.33; T=1024 9.34/9.61 -> 8.63/9.12 / 9.06/9.46; T=4096 28.49/27.34 ->
-# 27.88/26.72 / 28.15/27.20; T=65536 412.2/394.8 -> 411.2/393.9 / 411.7/394.3. Between 128 and
-# 512 tokens a launch is one to two waves of programs: the next kernel's programs, launched early,
-# take the places of this one's. With an FP8 cache the waiting starts above 16 tokens (T=64).
+# launch once it may start (PDL_TRIGGER). H200, Qwen3-8B, a chain of calls in one CUDA graph, µs
+# (best of two), bf16 / FP8 cache, plain -> PDL_TRIGGER / PDL_WAIT: T=1 1.42/1.54 -> 1.04/1.16 /
+# 1.19/1.30; T=16 1.58/1.71 -> 1.28/1.32 / 1.35/1.47; T=64 1.82/1.88 -> 1.36/1.81 / 1.65/1.65;
+# T=128 2.19/2.28 -> 2.12/2.08 / 1.91/2.12; T=256 2.78/2.73 -> 2.92/3.18 / 2.54/2.49; T=512
+# 6.22/6.52 -> 6.31/7.16 / 6.04/6.33; T=1024 9.30/9.60 -> 8.63/9.11 / 9.05/9.45; T=4096
+# 28.48/27.32 -> 27.86/26.65 / 28.01/27.20; T=65536 412.1/394.7 -> 411.1/393.5 / 411.7/394.0.
+# Between 128 and 512 tokens a launch is one to two waves of programs: the next kernel's programs,
+# launched early, take the places of this one's. With an FP8 cache the waiting starts above 16 tokens (T=64).
 _PDL_WAIT_T = (64, 512)  # PDL_WAIT for lo < T <= hi
 _PDL_WAIT_T_FP8 = (16, 512)  # ... with an FP8 cache
 
