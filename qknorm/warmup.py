@@ -67,6 +67,12 @@ def warmup(operator: str | int = "fused_qk_rmsnorm", *args: Any, **kwargs: Any) 
     ValueError
         For an unknown operator name, and as the operator's warmup raises.
 
+    Notes
+    -----
+    Call :func:`qknorm.set_pdl` first if the kernels are to be launched with programmatic
+    dependent launch: those launches are other compiled variants, and switching it starts the
+    backend selection over.
+
     Examples
     --------
     >>> qknorm.warmup(1536, 512, modes=(None, "fp8_group"), row_stride=2112)  # doctest: +SKIP
