@@ -172,6 +172,22 @@ def _graph_chain(write: Callable[[int], None], op: Callable[[], list[torch.Tenso
     return kept
 
 
+def _assert_pdl_chain_matches(sources: list[torch.Tensor], target: torch.Tensor,
+                              op: Callable[[], list[torch.Tensor]]) -> None:  # fmt: skip
+    """``op`` reads ``target`` after each source is written there: eagerly with plain launches,
+    then with PDL in :func:`_graph_chain` behind the late writer. Every output bit for bit the same."""
+    expected = []
+    for s in sources:
+        target.copy_(s)
+        expected.append([t.clone() for t in op()])
+    qknorm.set_pdl(True)
+    got = _graph_chain(lambda i: _write_late(sources[i], target), op, len(sources))
+    for i, (row, ref) in enumerate(zip(got, expected)):
+        assert len(row) == len(ref)
+        for j, (a, b) in enumerate(zip(row, ref)):
+            assert torch.equal(a, b), f"call {i}, output {j}"
+
+
 _MODES = [(None, None, torch.float8_e4m3fn), ("fp8_group", 128, torch.float8_e4m3fn), ("fp8_group", 32, torch.float8_e4m3fn),
           ("fp8_token", None, torch.float8_e4m3fn), ("fp8_tensor", None, torch.float8_e4m3fn), ("mxfp4", 32, torch.float8_e4m3fn),
           ("fp8_group", 128, torch.float8_e4m3fnuz), ("fp8_token", None, torch.float8_e4m3fnuz)]  # fmt: skip
@@ -197,15 +213,7 @@ def test_gpu_pdl_launches_read_what_the_kernel_before_wrote(quant, gs, fp8, m: i
         return _outputs(qknorm.qk_rmsnorm(latent[:, :1536], wq, latent[:, 1536:2048], wk, quant=quant, group_size=gs,
                                           fp8_dtype=fp8))  # fmt: skip
 
-    expected = []
-    for s in sources:
-        latent.copy_(s)
-        expected.append([t.clone() for t in op()])
-    qknorm.set_pdl(True)
-    got = _graph_chain(lambda i: _write_late(sources[i], latent), op, n)
-    for i in range(n):
-        for a, b in zip(got[i], expected[i]):
-            assert torch.equal(a, b), f"call {i}"
+    _assert_pdl_chain_matches(sources, latent, op)
 
 
 @pytest.mark.gpu
@@ -236,12 +244,4 @@ def test_gpu_pdl_qk_norm_rope_reads_what_the_kernel_before_wrote(t: int, fp8_cac
                                   slot_mapping=slots, k_scale=scale, v_scale=scale)  # fmt: skip
         return [out.q.view(torch.uint8), k_out.view(torch.uint8), kc.view(torch.uint8), vc.view(torch.uint8)]
 
-    expected = []
-    for s in sources:
-        qkv.copy_(s)
-        expected.append([x.clone() for x in op()])
-    qknorm.set_pdl(True)
-    got = _graph_chain(lambda i: _write_late(sources[i], qkv), op, n)
-    for i in range(n):
-        for a, b, name in zip(got[i], expected[i], ("q", "k", "k_cache", "v_cache")):
-            assert torch.equal(a, b), f"call {i}: {name}"
+    _assert_pdl_chain_matches(sources, qkv, op)

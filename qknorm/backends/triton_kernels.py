@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - a Triton without CUDA's extras: PDL is
 
 from .triton_quant_kernels import e2m1_codes, e8m0, fp8_codes, max_nan, nan_amax, to_f32, to_out
 
-__all__ = ["_qk_rmsnorm_kernel"]
+__all__ = ["_qk_rmsnorm_kernel", "pdl_prologue"]
 
 # What the q rows of one launch do (compile-time Q_MODE).
 Q_NONE = tl.constexpr(0)  # norm only
@@ -393,6 +393,21 @@ def _k_early_finish(x, w, rows, cols, mask, eps, K_OUT_PTR, k_out_stride, N: tl.
              mask=mask)  # fmt: skip
 
 
+@triton.jit
+def pdl_prologue(PDL: tl.constexpr):
+    """First statement of a kernel that may be launched with programmatic dependent launch
+    (``PDL``: triton_launch.PDL_OFF, PDL_TRIGGER or PDL_WAIT).
+
+    Launched so, a kernel may run while the previous kernel in the stream still does: nothing is
+    read or written before that kernel has completed (``griddepcontrol.wait``). With PDL_TRIGGER
+    the next kernel may then be launched too, to wait in its turn. Off, nothing is compiled.
+    """
+    if PDL:
+        gdc_wait()
+        if PDL == 1:  # PDL_TRIGGER
+            gdc_launch_dependents()
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
@@ -442,13 +457,7 @@ def _qk_rmsnorm_kernel(
     q's row blocks from the last to the first; or, for a few rows, one launch whose one q
     program holds them all (Q_TENSOR_ONE).
     """
-    if PDL:
-        # Launched while the previous kernel in the stream may still run: nothing is read or
-        # written before it has completed (gdc_wait); with PDL_TRIGGER the next kernel may then
-        # be launched too, to wait in its turn.
-        gdc_wait()
-        if PDL == 1:  # PDL_TRIGGER
-            gdc_launch_dependents()
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     if pid < q_programs:
         if Q_MODE == Q_AMAX:  # a capped grid: each program folds several row blocks into one partial

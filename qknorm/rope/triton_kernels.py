@@ -32,11 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (NVIDIA sm_90+); compiled only where the launcher asks for it
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - a Triton without CUDA's extras: PDL is never requested
-    gdc_launch_dependents = gdc_wait = None
-
+from ..backends.triton_kernels import pdl_prologue
 from ..backends.triton_quant_kernels import fp8_code, quotient, to_f32, to_out
 
 
@@ -345,13 +341,7 @@ def _qk_norm_rope_kernel(
     ``[0, num_slots)``, to ``k_cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE, h]`` together with
     v's row (a copy, or FP8 of ``f(x) / scale``).
     """
-    if PDL:
-        # Launched while the previous kernel in the stream may still run: nothing is read or
-        # written before it has completed (gdc_wait); with PDL_TRIGGER the next kernel may then
-        # be launched too, to wait in its turn.
-        gdc_wait()
-        if PDL == 1:  # PDL_TRIGGER
-            gdc_launch_dependents()
+    pdl_prologue(PDL)
     pid = tl.program_id(0)
     # The two roles live in helpers of their own: a runtime branch may not bind the same
     # name to tiles of different shapes (ROWS_Q and ROWS_K rows) in its two arms.
