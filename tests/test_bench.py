@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qknorm import bench, bench_report, testing
-from qknorm.bench_report import Row
+from qknorm.bench_report import COPY, Row
 
 
 def _row(m: int, mode: str, impl: str, graph: float | None, *, layout: str = "contiguous", eager: float | None = None,
@@ -176,6 +176,33 @@ def test_targets_met_missed_and_not_measured() -> None:
     assert strided["verdict"] == "met"  # 1.9 vs 1.9, 9.2 vs 9.0 (+2.2%)
     assert strided["qknorm"] == "2.22 % slower (M=4096, norm)"
     assert "**missed**" in bench_report.targets_markdown(rows)
+
+
+def test_targets_relative_to_the_copy_the_norm_and_torch() -> None:
+    """The H200 targets: quantizing modes against the copy of their bytes, quantizing calls against
+    the plain norm of the same run, the plain norm against the copy, eager calls against torch's."""
+    q = "qknorm-triton"
+    rows = [
+        _row(1, "norm", COPY, 1.00), _row(256, "norm", COPY, 1.50),
+        _row(1, "norm", q, 1.20, eager=20.0), _row(256, "norm", q, 1.80),  # 0.30 over the copy at 256
+        _row(1, "norm", "torch-eager", 4.0, eager=30.0), _row(1, "norm", "torch-compile", 2.6),
+        _row(1, "fp8_group", q, 1.30), _row(256, "mxfp4", q, 2.16),  # 2.16 / 1.80 = 1.20x
+        _row(1, "fp8_group", "torch-compile", 3.9),
+        _row(4096, "fp8_token", q, 10.0, pct=81.0), _row(4096, "mxfp4", q, 10.0, pct=79.5),
+        _row(16384, "mxfp4", q, 30.0, pct=90.5), _row(65536, "fp8_group", q, 105.0, pct=98.0),
+    ]  # fmt: skip
+    v = _verdicts(rows)
+    big = v["every quantizing mode, M ≥ 16384, graph"]
+    assert big["verdict"] == "met" and big["qknorm"] == "90.50 % (M=16384, contiguous, mxfp4)"
+    mid = v["every quantizing mode, M = 4096, graph"]
+    assert mid["verdict"] == "missed" and mid["qknorm"] == "79.50 % (M=4096, contiguous, mxfp4)"
+    ratio = v["quantizing call, M ≤ 256, graph"]
+    assert ratio["verdict"] == "missed" and ratio["qknorm"] == "1.20 x (M=256, contiguous, mxfp4)"
+    assert ratio["best_peer"] == "1.50 x (M=1, contiguous, fp8_group), torch-compile"  # 3.9 / 2.6
+    over = v["plain norm, M = 1 and 256, graph"]
+    assert over["verdict"] == "missed" and over["qknorm"].startswith("0.30 µs over copy (M=256, contiguous)")
+    eager = v["public in-place eager call, M = 1"]
+    assert eager["verdict"] == "met" and eager["qknorm"].startswith("0.67 x") and eager["best_peer"] == "—"
 
 
 def test_strided_target_missed_beyond_three_percent() -> None:
