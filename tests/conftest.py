@@ -23,6 +23,20 @@ def _fresh_selection(monkeypatch: pytest.MonkeyPatch):
     registry.reset()
 
 
+SM90 = torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.fixture(params=[False, pytest.param(True, marks=pytest.mark.skipif(not SM90, reason="PDL needs sm_90+"))],
+                ids=["plain", "pdl"])  # fmt: skip
+def pdl(request: pytest.FixtureRequest):
+    """Launches plain, and with programmatic dependent launch (``qknorm.set_pdl``, set before warmup)."""
+    from qknorm import set_pdl
+
+    set_pdl(request.param)
+    yield request.param
+    set_pdl(False)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -119,7 +119,7 @@ MODES = (None, "fp8_group", "fp8_token", "fp8_tensor", "mxfp4")
 
 
 @pytest.mark.parametrize("quant", MODES)
-def test_warmup_then_capture_and_replay(quant: str | None) -> None:
+def test_warmup_then_capture_and_replay(quant: str | None, pdl: bool) -> None:
     records = qknorm.warmup(Q_LORA, KV_LORA, modes=(quant,), max_tokens=256, row_stride=LATENT)
     assert [r.quant for r in records] == [quant]
     for m in (1, 5, 64):  # 5 and 64 sit inside buckets, not on their edges

@@ -74,7 +74,7 @@ def test_warmup_rejects_an_unknown_operator() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_capture_after_warmup_qk_norm_rope_matches_eager() -> None:
+def test_capture_after_warmup_qk_norm_rope_matches_eager(pdl: bool) -> None:
     """Qwen3-8B shapes: qknorm.warmup("qk_norm_rope", ...), then capture, replay and compare with eager."""
     hq, hk, d, t, bs = 32, 8, 128, 48, 16
     dev = torch.device("cuda")
