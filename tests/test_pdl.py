@@ -15,7 +15,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, globaltimer
 import qknorm
 from qknorm.backends import registry
 from qknorm.backends import triton_backend as tb
-from qknorm.backends.triton_launch import PDL_OFF, PDL_TRIGGER, PDL_WAIT, pdl_supported
+from qknorm.backends.triton_launch import PDL_OFF, PDL_TRIGGER, PDL_WAIT, launch_options, pdl_supported
 from qknorm.checks import build_request
 from qknorm.quant import QuantMode
 from qknorm.rope import triton_launch as rope_launch
@@ -245,3 +245,33 @@ def test_gpu_pdl_qk_norm_rope_reads_what_the_kernel_before_wrote(t: int, fp8_cac
         return [out.q.view(torch.uint8), k_out.view(torch.uint8), kc.view(torch.uint8), vc.view(torch.uint8)]
 
     _assert_pdl_chain_matches(sources, qkv, op)
+
+
+def test_launch_options_name_only_what_is_set() -> None:
+    """Triton's AMD backend raises KeyError on an option it does not know: a launch without a
+    register cap or PDL passes options every backend knows; the CUDA-only ones only when set."""
+    amd = pytest.importorskip("triton.backends.amd.compiler")
+    nvidia = pytest.importorskip("triton.backends.nvidia.compiler")
+    plain = launch_options(4)
+    assert plain == {"num_warps": 4}
+    assert set(plain) <= set(amd.HIPOptions.__dataclass_fields__)
+    full = launch_options(1, 80, PDL_TRIGGER)
+    assert full == {"num_warps": 1, "maxnreg": 80, "launch_pdl": True}
+    assert set(full) <= set(nvidia.CUDAOptions.__dataclass_fields__)
+    assert launch_options(2, pdl=PDL_WAIT) == {"num_warps": 2, "launch_pdl": True}
+
+
+def test_rocm_plans_set_neither_cuda_only_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ROCm (torch.version.hip set) no launch configuration of either operator carries a
+    register cap or PDL, whatever set_pdl says: their launches pass AMD-known options only."""
+    monkeypatch.setattr(torch.version, "hip", "6.3")
+    qknorm.set_pdl(True)
+    try:
+        for mode in ("norm", "groups", "tensor"):
+            plan = _plan(mode)
+            plan.pdl = pdl_supported(torch.device("cuda"), interpret=False)
+            for b in range(len(tb._BUCKETS) + 1):
+                cfg = tb._config(plan, b)
+                assert cfg.maxnreg is None and cfg.pdl == PDL_OFF, (mode, b, cfg)
+    finally:
+        qknorm.set_pdl(False)

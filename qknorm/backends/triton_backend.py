@@ -64,6 +64,7 @@ from .triton_launch import (
     device_unsupported,
     direct_launch_supported,
     is_build_failure,
+    launch_options,
     pdl_supported,
 )
 
@@ -772,8 +773,7 @@ class TritonBackend:
         """Launch through Triton's own path (compiling on first use); returns the compiled kernel."""
         try:
             return self._kernels._qk_rmsnorm_kernel[(grid,)](
-                **{**self._blank, **args}, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
-                launch_pdl=cfg.pdl != PDL_OFF,
+                **{**self._blank, **args}, **launch_options(cfg.num_warps, cfg.maxnreg, cfg.pdl)
             )
         except Exception as exc:
             if is_build_failure(exc):

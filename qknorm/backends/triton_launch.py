@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 __all__ = ["DIRECT_VERSIONS", "PDL_OFF", "PDL_TRIGGER", "PDL_WAIT", "PlannedLaunches", "availability",
-           "device_unsupported", "direct_launch_supported", "bind_direct", "is_build_failure", "pdl_enabled",
-           "pdl_supported", "set_pdl"]
+           "device_unsupported", "direct_launch_supported", "bind_direct", "is_build_failure", "launch_options",
+           "pdl_enabled", "pdl_supported", "set_pdl"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,20 @@ def set_pdl(enabled: bool) -> None:
 def pdl_enabled() -> bool:
     """Whether :func:`set_pdl` turned programmatic dependent launch on."""
     return _pdl
+
+
+def launch_options(num_warps: int, maxnreg: int | None = None, pdl: int = PDL_OFF) -> dict[str, Any]:
+    """Triton's launch options for a configuration, naming only those that are set.
+
+    ``maxnreg`` (a register cap) and ``launch_pdl`` are options of Triton's CUDA backend; its AMD
+    backend rejects an option it does not know (``KeyError``), so neither is passed where unset.
+    """
+    options: dict[str, Any] = {"num_warps": num_warps}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    if pdl != PDL_OFF:
+        options["launch_pdl"] = True
+    return options
 
 
 def pdl_supported(device: torch.device, interpret: bool) -> bool:

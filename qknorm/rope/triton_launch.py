@@ -32,6 +32,7 @@ from ..backends.triton_launch import (
     device_unsupported,
     direct_launch_supported,
     is_build_failure,
+    launch_options,
     pdl_supported,
 )
 from ..quant import fp8_max
@@ -265,7 +266,7 @@ class RopeTritonBackend:
                 self._remember(req, direct, grid, values)
                 return
         try:
-            ck = self._kernel[(grid,)](**args, **constexprs, num_warps=cfg.num_warps, launch_pdl=cfg.pdl != PDL_OFF)
+            ck = self._kernel[(grid,)](**args, **constexprs, **launch_options(cfg.num_warps, pdl=cfg.pdl))
         except Exception as exc:
             if is_build_failure(exc):
                 raise BackendUnavailable(f"Triton kernel build failed: {type(exc).__name__}: {exc}") from exc
