@@ -261,9 +261,10 @@ def _eager_to_torch(rows: list[Row], all_rows: list[Row]) -> tuple[float, str] |
     return max(vals) if vals else None
 
 
-def _absolute(mode_keep: Callable[[Row], bool], attr: str, higher_is_better: bool = False
+def _absolute(keep: Callable[[Row], bool], attr: str, higher_is_better: bool = False
               ) -> Callable[[list[Row], list[Row]], tuple[float, str] | None]:  # fmt: skip
-    return lambda rs, _all: _worst(rs, attr, mode_keep, higher_is_better)
+    """Worst ``attr`` over the rows ``keep`` accepts (an absolute target)."""
+    return lambda rs, _all: _worst(rs, attr, keep, higher_is_better)
 
 
 # The targets of docs/benchmarks.md: first those set on the H100 (absolute µs for that GPU), then
