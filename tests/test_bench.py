@@ -84,7 +84,9 @@ def test_parse_args_defaults_and_quick() -> None:
     assert ns.layouts == ("contiguous", "strided")
     assert ns.backend == "triton"
     assert not ns.quick
+    assert not ns.pdl
     assert bench.parse_args(["--quick"]).m == bench_report.QUICK_M
+    assert bench.parse_args(["--pdl"]).pdl
 
 
 def test_parse_args_lists(tmp_path: Path) -> None:
