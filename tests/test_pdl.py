@@ -47,6 +47,13 @@ def test_set_pdl_switches_and_chooses_backends_again(pdl_off_after: None) -> Non
     assert not qknorm.pdl_enabled()
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_set_pdl_takes_a_bool_only(value: object) -> None:
+    with pytest.raises(TypeError, match=r"set_pdl: enabled must be a bool, got"):
+        qknorm.set_pdl(value)  # type: ignore[arg-type]
+    assert not qknorm.pdl_enabled()
+
+
 def test_pdl_is_used_on_sm90_cuda_only(pdl_off_after: None) -> None:
     cpu = torch.device("cpu")
     assert not pdl_supported(cpu, interpret=False)

@@ -59,9 +59,15 @@ def set_pdl(enabled: bool) -> None:
 
     Call it before :func:`qknorm.warmup` and CUDA-graph capture: each launch configuration
     compiles a variant of its own, and the backends are chosen again after the change.
+
+    Raises
+    ------
+    TypeError
+        When ``enabled`` is not a bool.
     """
     global _pdl
-    enabled = bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_pdl: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
     if enabled != _pdl:
         _pdl = enabled
         from . import registry
