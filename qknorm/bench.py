@@ -64,6 +64,7 @@ from .bench_report import (
     N2,
     QKNORM,
     QUICK_M,
+    TORCH_EAGER,
     WIDTH,
     Row,
     buffer_sets,
@@ -320,7 +321,7 @@ def _peers(mode: str, compiled: dict[str, Callable[..., object]], liger: Callabl
     fn_c = compiled[mode]
     peers: dict[str, _PeerFactory] = {}
     if mode == "norm":
-        peers["torch-eager"] = lambda c, wq, wk: lambda: _peer_norm_pair(c.q, c.k, wq, wk)
+        peers[TORCH_EAGER] = lambda c, wq, wk: lambda: _peer_norm_pair(c.q, c.k, wq, wk)
     peers["torch-compile"] = lambda c, wq, wk: lambda: fn_c(c.q, c.k, wq, wk)
     if mode == "norm" and liger is not None:
         lg = liger

@@ -26,6 +26,7 @@ __all__ = [
     "MXFP4_GROUP",
     "QKNORM",
     "COPY",
+    "TORCH_EAGER",
     "CSV_COLUMNS",
     "Row",
     "op_bytes",
@@ -50,6 +51,7 @@ LAYOUTS = ("contiguous", "strided")
 N1, N2, WIDTH = 1536, 512, 2112  # DeepSeek MLA: q_lora_rank, kv_lora_rank, fused_qkv_a_proj width
 FP8_GROUP, MXFP4_GROUP = 128, 32
 QKNORM, COPY = "qknorm", "copy"  # impl names: qknorm rows are "qknorm-<backend>"
+TORCH_EAGER = "torch-eager"  # impl name of the peer that runs two eager F.rms_norm calls
 
 
 def op_bytes(m: int, mode: str, n1: int = N1, n2: int = N2) -> int:
@@ -255,7 +257,7 @@ def _norm_over_copy(rows: list[Row], all_rows: list[Row]) -> tuple[float, str] |
 def _eager_to_torch(rows: list[Row], all_rows: list[Row]) -> tuple[float, str] | None:
     """Worst eager wall time at M = 1 (plain norm) over two eager ``F.rms_norm`` calls (same layout)."""
     torch_eager = {r.layout: r.eager_us for r in all_rows
-                   if r.impl == "torch-eager" and r.mode == "norm" and r.m == 1 and r.eager_us}  # fmt: skip
+                   if r.impl == TORCH_EAGER and r.mode == "norm" and r.m == 1 and r.eager_us}  # fmt: skip
     vals = [(r.eager_us / torch_eager[r.layout], f"M=1, {r.layout}") for r in rows
             if r.mode == "norm" and r.m == 1 and r.eager_us and r.layout in torch_eager]  # fmt: skip
     return max(vals) if vals else None
