@@ -613,6 +613,34 @@ def test_q_rows_split_over_programs_change_no_output_bit(mode: QuantMode, cfg: t
         assert_scales_close(split.q_scale, expected.q_scale)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("mode", "cfg"), [
+    (mode, cfg) for mode in QuantMode
+    for cfg in (tb._Config(1, 1, 4, one_tile=True), tb._Config(1, 4, 1, q_split=True),
+                tb._Config(1, 1, 1, k_with_q=True, k_early=True))
+    if not (cfg.q_split and mode is QuantMode.FP8_TENSOR)  # per-tensor FP8 is never split
+], ids=lambda v: v.value if isinstance(v, QuantMode) else repr(v))  # fmt: skip
+def test_one_row_counts_at_compile_time_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """ONE_ROW (M = 1) makes the row and q program counts compile-time values instead of
+    parameters: every output is bit for bit the same launch's without it, and k_out is the
+    reference's (per-tensor FP8 here as its two launches; three programs with Q_SPLIT)."""
+    one, _, compared = _same_bits_with(mode, 1, 500, cfg, one_row=True)
+    assert compared == (2 if mode is QuantMode.NONE else 3)
+    _k_out_is_the_reference(one, mode, 1, 500)
+
+
+def test_one_row_only_in_the_bucket_of_one_row() -> None:
+    """ONE_ROW launches process row 0 alone, so only the bucket of M = 1 may set it: for the plain
+    norm and MXFP4 in compiled NVIDIA code, where it measured faster."""
+    be = TritonBackend()
+    be.available()
+    compiled = not be._interpret and torch.version.hip is None
+    for mode in QuantMode:
+        req, _ = _mode_request(mode, 2, 1536, 512)
+        plan = be._plan(req, req.key())
+        first = compiled and mode in (QuantMode.NONE, QuantMode.MXFP4)
+        assert [tb._config(plan, tb._bucket(m)).one_row for m in (1, 2, 16, 17, 65536)] == [first] + [False] * 4, mode
+
+
 @pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
                          ids=repr)  # fmt: skip
 @pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
@@ -682,9 +710,11 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     compiled = not be._interpret and not rocm
     for m in (1, 256):
         norm_first = m <= 16 and not rocm
-        assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True, w_first=norm_first)  # one tile in every bucket
+        # one tile in every bucket; one row in compiled NVIDIA code: the counts at compile time (ONE_ROW)
+        one_row = m == 1 and compiled
+        assert config(QuantMode.NONE, m) == tb._Config(1, 1, 4, one_tile=True, w_first=norm_first, one_row=one_row)
         # four warps; k rows in blocks of 8; up to 16 rows a program per q tile (not on ROCm)
-        assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4, q_split=m <= 16 and not rocm)
+        assert config(QuantMode.MXFP4, m) == tb._Config(1, 8, 4, q_split=m <= 16 and not rocm, one_row=one_row)
     assert config(QuantMode.MXFP4, 2048) == tb._Config(1, 8, 4, w_first=not rocm)  # four warps: no cap
     # FP8: one warp per q row in every bucket (batch invariance of the fp32 scales), k rows apart
     # below 16384 rows, a q row's worth per program

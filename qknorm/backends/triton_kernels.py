@@ -446,6 +446,7 @@ def _qk_rmsnorm_kernel(
     K_EARLY: tl.constexpr,  # K_WITH_Q, k rows of one tile: k's loads requested before the q rows' work
     Q_SPLIT: tl.constexpr,  # Q_NT programs per q row block, each writing one tile (q_programs counts them all)
     PDL: tl.constexpr,  # programmatic dependent launch (NVIDIA sm_90+): triton_launch.PDL_OFF, _TRIGGER or _WAIT
+    ONE_ROW: tl.constexpr,  # M is 1: the row and program counts are compile-time values (the M and q_programs passed agree)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -458,6 +459,14 @@ def _qk_rmsnorm_kernel(
     program holds them all (Q_TENSOR_ONE).
     """
     pdl_prologue(PDL)
+    if ONE_ROW:
+        # Known at compile time, the counts need no read of the parameter bank before
+        # a program can tell whether it owns q or k and request its first bytes.
+        M = 1
+        if Q_SPLIT:
+            q_programs = Q_NT
+        else:
+            q_programs = 1
     pid = tl.program_id(0)
     if pid < q_programs:
         if Q_MODE == Q_AMAX:  # a capped grid: each program folds several row blocks into one partial
