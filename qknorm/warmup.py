@@ -37,6 +37,20 @@ class WarmupRecord(NamedTuple):
     sizes: tuple[int, ...]
 
 
+_warmed = False  # a warmup has run in this process (qknorm.set_pdl warns when it undoes one)
+
+
+def mark_warmed() -> None:
+    """Note that a warmup ran: launch settings changed later discard what it prepared."""
+    global _warmed
+    _warmed = True
+
+
+def warmed() -> bool:
+    """Whether a warmup of either operator has run in this process."""
+    return _warmed
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -199,4 +213,5 @@ def warmup_qk_rmsnorm(
         logger.info("qknorm: warmed quant=%s on backend %s for rows %s", quant, backend.name, sizes)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    mark_warmed()
     return records

@@ -4,6 +4,8 @@ writes their inputs still runs."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -52,6 +54,36 @@ def test_set_pdl_takes_a_bool_only(value: object) -> None:
     with pytest.raises(TypeError, match=r"set_pdl: enabled must be a bool, got"):
         qknorm.set_pdl(value)  # type: ignore[arg-type]
     assert not qknorm.pdl_enabled()
+
+
+def test_set_pdl_refuses_to_switch_during_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switching inside a CUDA-graph capture would choose backends and compile kernels there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"set_pdl\(True\): the current CUDA stream is capturing a graph"):
+        qknorm.set_pdl(True)
+    assert not qknorm.pdl_enabled()
+    qknorm.set_pdl(False)  # no change: nothing to refuse
+
+
+@pytest.mark.parametrize("operator", ["fused_qk_rmsnorm", "qk_norm_rope"])
+def test_set_pdl_after_warmup_warns(operator: str, pdl_off_after: None, caplog: pytest.LogCaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A switch after either operator's warmup discards what it prepared: the log says to warm up
+    again. Before any warmup it says nothing."""
+    warmup_module = importlib.import_module("qknorm.warmup")
+    monkeypatch.setattr(warmup_module, "_warmed", False)
+    with caplog.at_level(logging.WARNING, logger="qknorm"):
+        qknorm.set_pdl(True)
+        qknorm.set_pdl(False)
+    assert "after qknorm.warmup" not in caplog.text
+    if operator == "qk_norm_rope":
+        qknorm.warmup(operator, 4, 2, 16, device="cpu", max_tokens=3)
+    else:
+        qknorm.warmup(operator, 64, 32, device="cpu", max_tokens=3)
+    with caplog.at_level(logging.WARNING, logger="qknorm"):
+        qknorm.set_pdl(True)
+    assert "set_pdl(True) after qknorm.warmup" in caplog.text and "warm up again" in caplog.text
 
 
 def test_pdl_is_used_on_sm90_cuda_only(pdl_off_after: None) -> None:

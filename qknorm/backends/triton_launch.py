@@ -64,15 +64,29 @@ def set_pdl(enabled: bool) -> None:
     ------
     TypeError
         When ``enabled`` is not a bool.
+    RuntimeError
+        When it would change the setting while the current CUDA stream is capturing a graph:
+        the backends would be chosen and the kernels compiled again inside the capture.
     """
     global _pdl
     if not isinstance(enabled, bool):
         raise TypeError(f"set_pdl: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
     if enabled != _pdl:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"set_pdl({enabled}): the current CUDA stream is capturing a graph; switch programmatic "
+                "dependent launch before qknorm.warmup and capture, not during it"
+            )  # fmt: skip
         _pdl = enabled
+        from ..warmup import warmed
         from . import registry
 
         registry.reset()
+        if warmed():
+            logger.warning(
+                "qknorm: set_pdl(%s) after qknorm.warmup: backends are chosen and kernels compiled again on "
+                "their next call; warm up again before CUDA-graph capture", enabled,
+            )  # fmt: skip
 
 
 def pdl_enabled() -> bool:

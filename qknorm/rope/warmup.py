@@ -14,7 +14,7 @@ import torch
 
 from ..backends.base import Backend
 from ..backends.registry import select
-from ..warmup import WarmupRecord
+from ..warmup import WarmupRecord, mark_warmed
 from .api import qk_norm_rope
 from .ops import PIPELINE, call_args
 from .request import RopePlan
@@ -111,4 +111,5 @@ def warmup_qk_norm_rope(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     logger.info("qknorm: warmed qk_norm_rope on backend %s for T in %s", backend.name, sizes)
+    mark_warmed()
     return WarmupRecord(None, backend.name, tuple(sizes))
