@@ -53,9 +53,9 @@ def set_pdl(enabled: bool) -> None:
     qknorm kernel starts early only if it was launched with the same attribute, whose contract
     is that it waits likewise before touching what qknorm wrote. CUDA-graph capture keeps the
     dependency. It pays where kernels are short (decode) and the kernels around qknorm's are
-    launched the same way: on an H200 the plain norm of one DeepSeek row takes 0.96-1.01 µs per
-    call instead of 1.41-1.42 in a chain of qknorm calls. Elsewhere (ROCm, GPUs before sm_90,
-    the interpreter) it changes nothing.
+    launched the same way: on an H200 the plain norm of one DeepSeek row took 0.96-1.01 µs per
+    call instead of 1.41-1.42 in a chain of qknorm calls (commit 6fb506b, docs/benchmarks.md).
+    Elsewhere (ROCm, GPUs before sm_90, the interpreter) it changes nothing.
 
     Call it before :func:`qknorm.warmup` and CUDA-graph capture: each launch configuration
     compiles a variant of its own, and the backends are chosen again after the change.
