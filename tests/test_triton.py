@@ -432,12 +432,13 @@ def _aliased_request(form: str, m: int, n1: int, n2: int, mode: QuantMode, seed:
     return actual, expected
 
 
-@pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True, reload=True), tb._Config(2, 8, 4, reload=True)],
-                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True, reload=True, unmasked=True),
+                                 tb._Config(2, 8, 4, reload=True)], ids=repr)  # fmt: skip
 @pytest.mark.parametrize("form", ["k_out=k", "q_out=q", "res_out=q", "res_out=res"])
-def test_in_place_forms_with_x_read_again(form: str, cfg: tb._Config) -> None:
-    """RELOAD reads each q tile again after earlier tiles of its row were written: in every
-    in-place form the outputs are bit for bit those of the same configuration on fresh tensors."""
+def test_in_place_forms_with_x_held_as_loaded(form: str, cfg: tb._Config) -> None:
+    """RELOAD widens each held q tile (and residual tile) again after earlier tiles of its row were
+    written: in every in-place form the outputs are bit for bit those of the same configuration
+    on fresh tensors."""
     mode = QuantMode.FP8_GROUP if form.startswith("res_out") else QuantMode.NONE
     actual, expected = _aliased_request(form, 5, 768, 700, mode, seed=3)
     be = TritonBackend()
@@ -564,11 +565,27 @@ def _k_out_is_the_reference(actual, mode: QuantMode, m: int, n2: int) -> None:
 @pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
                                   QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
 def test_load_order_knobs_change_no_output_bit(mode: QuantMode, cfg: tb._Config, knob: str) -> None:
-    """W_FIRST only moves the weight loads ahead of x's, behind a barrier; RELOAD reads x again
-    after the reduction instead of holding it: every output is bit for bit what the same
+    """W_FIRST only moves the weight loads ahead of x's, behind a barrier; RELOAD holds x and the
+    weights as loaded and widens them again after the reduction: every output is bit for bit what the same
     configuration gives without them (on a GPU: two compiled programs)."""
     _, _, compared = _same_bits_with(mode, 5, 700, cfg, **{knob: True})
     assert compared == 2 if mode is QuantMode.NONE else 3
+
+
+@pytest.mark.parametrize("cfg", [tb._Config(1, 4, 1), tb._Config(1, 1, 1, k_with_q=True),
+                                 tb._Config(1, 1, 1, k_with_q=True, w_first=True, reload=True), tb._Config(2, 2, 2)],
+                         ids=repr)  # fmt: skip
+@pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
+                                  QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
+def test_unmasked_tiles_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
+    """UNMASKED loads and stores the blocks of one row whose tiles cover it exactly (q 768 = 3 x
+    256 columns, k 512) without masks, and leaves the others masked (two rows per block): every
+    output is bit for bit the masked program's, and k_out is the reference's."""
+    unmasked, plan, compared = _same_bits_with(mode, 5, 512, cfg, unmasked=True)
+    ng, nt, gs = plan.tiles[False]
+    assert ng * nt * gs == 768 and plan.constexprs["K_NG"] * plan.constexprs["K_NT"] * plan.constexprs["K_GS"] == 512
+    assert compared == (2 if mode is QuantMode.NONE else 3)
+    _k_out_is_the_reference(unmasked, mode, 5, 512)
 
 
 @pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
@@ -731,18 +748,20 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
     # up to 16 rows: one launch, all of q in one program (16 warps, one per row)
     assert config(QuantMode.FP8_TENSOR, 2) == config(QuantMode.FP8_TENSOR, 16) == tb._Config(16, 4, 16, one_program=True)
-    mid_mxfp4 = tb._Config(1, 4, 1, w_first=not rocm, maxnreg=88 if compiled else None)  # DeepSeek MXFP4: 88
+    # DeepSeek MXFP4: 88 registers, and one-row tiles without masks in compiled NVIDIA code
+    mid_mxfp4 = tb._Config(1, 4, 1, w_first=not rocm, maxnreg=88 if compiled else None, unmasked=compiled)
     assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == mid_mxfp4
-    # compiled code caps MXFP4's registers at 80 there (the interpreter has no registers)
-    caps = {QuantMode.MXFP4: 80 if compiled else None}
     # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
     # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere); per-token FP8
-    # requests its k row's loads first there, uncapped
+    # requests its k row's loads first there, uncapped; above 8192 rows compiled NVIDIA code holds
+    # MXFP4's x as loaded, uncapped and unmasked
     for mode in (QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.MXFP4, QuantMode.FP8_TENSOR):
         apart = mode is QuantMode.FP8_GROUP and hw_fp8
-        big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True, maxnreg=caps.get(mode))
+        big = tb._Config(1, 4, 1) if apart else tb._Config(1, 1, 1, k_with_q=True)
         if mode is QuantMode.FP8_TOKEN:
             big = replace(big, k_early=compiled)
+        elif mode is QuantMode.MXFP4:
+            big = replace(big, reload=compiled, unmasked=compiled)
         assert config(mode, 65536) == big
         if apart:
             assert config(mode, 16384) == replace(big, w_first=True)
@@ -751,12 +770,12 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         elif mode is QuantMode.FP8_TOKEN:
             assert config(mode, 16384) == replace(big, w_first=not rocm)
         else:
-            # MXFP4 moves the last tenth of its k rows into programs launched last (compiled NVIDIA code)
-            assert config(mode, 16384) == replace(big, w_first=not rocm, maxnreg=80 if compiled else None,
-                                                  k_tail=compiled), mode  # fmt: skip
+            # MXFP4 moves the last tenth of its k rows into programs launched last (compiled NVIDIA
+            # code); in the interpreter and on ROCm its one-warp programs are not capped either
+            assert config(mode, 16384) == replace(big, w_first=not rocm, k_tail=compiled), mode
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
-    # e4m3fnuz groups (the integer encoder everywhere): compiled NVIDIA code reads x again after
-    # the reduction above 8192 rows, uncapped (RELOAD), with the weights first up to 16384
+    # e4m3fnuz groups (the integer encoder everywhere): compiled NVIDIA code holds x as loaded
+    # across the reduction above 8192 rows, uncapped and unmasked, with the weights first up to 16384
     for gs in (128, 64, 32):
         req, _ = _mode_request(QuantMode.FP8_GROUP, 2, 1536, 512)
         fnuz = build_request(
@@ -767,9 +786,11 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         plan = be._plan(fnuz, fnuz.key())
         # their integer encoder splits q rows over a program per tile up to 256 rows (not on ROCm)
         assert [tb._config(plan, tb._bucket(m)).q_split for m in (1, 256, 257)] == [not rocm, not rocm, False]
-        assert tb._config(plan, tb._bucket(65536)) == tb._Config(1, 1, 1, k_with_q=True, reload=compiled)
+        assert tb._config(plan, tb._bucket(65536)) == tb._Config(
+            1, 1, 1, k_with_q=True, reload=compiled, unmasked=compiled)
         assert tb._config(plan, tb._bucket(16384)) == tb._Config(
             1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled, k_tail=compiled,
+            unmasked=compiled,
         )  # fmt: skip
         # weights first at 257-8192 rows for groups of 128 only, then capped at 96 registers
         mid = tb._config(plan, tb._bucket(4096))

@@ -26,8 +26,9 @@ Heuristics (measured numbers in the notes block below)
   and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
   with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers (88 with
-  k rows apart: :meth:`TritonBackend._register_caps`); e4m3fnuz groups read x again after the reduction
-  instead of holding it (``_Config.reload``); per-token FP8 requests its k row's loads before the
+  k rows apart: :meth:`TritonBackend._register_caps`); above 8192 rows e4m3fnuz groups, and above
+  16384 MXFP4, hold x as loaded across the reduction, uncapped and without masks
+  (``_Config.reload``, ``_Config.unmasked``); per-token FP8 requests its k row's loads before the
   q row's work (``_Config.k_early``); up to 16384 rows MXFP4 and e4m3fnuz groups leave the last
   tenth of the k rows to programs launched after the q programs (``_Config.k_tail``). FP8 q rows
   are spread over the same warps in every bucket (batch invariance of the fp32 scales).
@@ -194,7 +195,8 @@ class _Config:
     one_program: bool = False  # per-tensor FP8 of a few rows: one launch, every q row in one program
     maxnreg: int | None = None  # register cap per thread (NVIDIA's .maxnreg; other targets ignore it)
     w_first: bool = False  # weights requested before x, behind a barrier (see _weights_first)
-    reload: bool = False  # q rows read again after the reduction instead of held across it (see _config)
+    reload: bool = False  # x and w held across the reduction as loaded, widened again after it (see _config)
+    unmasked: bool = False  # blocks of one row covered exactly by their tiles loaded and stored without masks (_config)
     k_early: bool = False  # k_with_q: the k row's loads requested before the q row's work (see _config)
     q_split: bool = False  # each q row block written by one program per tile, all reducing whole rows (see _config)
     one_row: bool = False  # M = 1: the kernel's ONE_ROW (see _config)
@@ -222,7 +224,8 @@ class _Plan:
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
     caps: bool = False  # register caps apply (compiled code on NVIDIA; see _config)
-    reload_q: bool = False  # e4m3fnuz groups in compiled NVIDIA code: x read again above 8192 rows (_config)
+    unmasked_above: int = 0  # one-row tiles without masks above this many rows (0: never; _config, _held_rows)
+    reload_above: int = 0  # x and w held as loaded across the reduction above this many rows (0: never; likewise)
     k_early: bool = False  # per-token FP8 in compiled NVIDIA code, k of one tile: k's loads first with k rows in the q programs
     split_max_m: int = 0  # q rows split over one program per tile up to this many rows (_config; 0: never)
     k_tail: bool = False  # MXFP4 or e4m3fnuz groups in compiled NVIDIA code: k rows of the last blocks apart (_config)
@@ -269,17 +272,10 @@ def _config(plan: _Plan, bucket: int) -> _Config:
             # DeepSeek's MXFP4 programs take their own caps (_register_caps).
             with_q, apart = plan.register_caps or (80, 96)
             cfg = replace(cfg, maxnreg=with_q if cfg.k_with_q else apart)
-    if plan.reload_q and m_hi > _QUANT_MID_MAX_M:
-        # e4m3fnuz groups, whose integer encoder leaves the one-warp programs short of registers
-        # (89-96 with x held across the reduction: 21 programs per SM; the caps of 80 spilled):
-        # x is read again from L1 after the reduction, tile by tile, and the programs are not
-        # capped (about 70 registers; 3% more instructions), with the weights requested first up
-        # to 16384 rows (every group size: 1x64 / 1x32 31.79 / 32.16 -> 30.66 / 30.83 µs at
-        # M = 16384 with them). H200, DeepSeek, strided, µs, held (capped at 80) -> read again:
-        # 1x128 31.74 -> 30.60 at M = 16384 and 112.35 -> 109.82 at 65536; 1x64 31.95 -> 30.66
-        # and 111.89 -> 109.29; 1x32 32.43 -> 30.83 and 112.96 -> 110.39. At decode sizes it was
-        # slower (FP8 1x128 at M = 1: 1.68 -> 1.85), and for MXFP4 at every size (30.88 -> 31.46
-        # at 16384, 109.28 -> 112.42 at 65536).
+    if plan.unmasked_above and m_hi > plan.unmasked_above:  # see _held_rows
+        cfg = replace(cfg, unmasked=True)
+    if plan.reload_above and m_hi > plan.reload_above:
+        # Uncapped (64 registers for DeepSeek's rows), with the weights first up to 16384 rows.
         cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _W_FIRST_MAX_M)
     if plan.k_early and cfg.k_with_q:
         # Per-token FP8 with k rows in the q programs (above 8192 rows): the k row's loads go out
@@ -352,6 +348,40 @@ def _pdl(plan: _Plan, m_hi: int) -> int:
     if plan.two_pass and _QUANT_DECODE_MAX_M < m_hi <= _QUANT_MID_MAX_M:
         return PDL_WAIT
     return PDL_TRIGGER
+
+
+def _held_rows(mode: QuantMode, fp8_enc: int, q_chunked: bool, caps: bool) -> tuple[int, int]:
+    """``(unmasked_above, reload_above)``: above how many rows the one-warp programs of the
+    issue-bound encoders go without masks, and hold x and the weights as loaded across the
+    reduction (0: never). Compiled NVIDIA code only (``caps``).
+
+    Held as fp32, a DeepSeek q row and its weights take those programs to 89-96 registers (21
+    programs per SM; capped at 80 they spilled). Held as loaded (bf16 pairs) and widened again
+    after the reduction (the kernel's RELOAD) they take 64, for 6% more instructions. Tiles that
+    cover a row exactly, in blocks of one row below M, need no masks (UNMASKED): ptxas drops the
+    predicates and zero fills. H200, DeepSeek, strided / contiguous, µs, the previous rule (x read
+    again from L1 for e4m3fnuz groups; MXFP4 held as fp32, capped at 80) -> this one:
+
+    - e4m3fnuz 1x128: 29.49 / 29.55 -> 29.25 / 29.15 at M = 16384, 110.06 / 109.20 -> 107.99 /
+      107.43 at 65536; 1x64 29.80 / 29.47 -> 29.48 / 29.25 and 109.56 / 108.39 -> 107.51 /
+      106.71; 1x32 30.08 / 29.74 -> 29.64 / 29.34 and 110.63 / 109.37 -> 108.82 / 107.91.
+    - MXFP4: 28.37 / 28.07 -> 28.27 / 28.02 at 16384, 55.08 / 54.74 -> 54.38 / 54.27 at 32768,
+      105.45 / 104.49 -> 103.19 / 102.95 at 65536 (91.3 / 91.5% of a copy). From 2049 to 8192
+      rows, where its programs keep their k rows apart, without masks only: 9.57 / 9.55 -> 9.42
+      / 9.42 at 4096 (held as loaded: 9.98 / 9.94), 16.91 / 16.77 -> 16.78 / 16.77 at 8192.
+    - Not taken: e4m3fnuz per token without masks (16384 rows: 30.00 -> 29.98; 65536: 107.36 ->
+      105.67), per-token e4m3fn (27.95 -> 27.93, 105.00 -> 105.04), and 64-register caps (1x128
+      at 16384: 28.98 against 29.25, but 1x32 at 65536: 109.67 against 108.82).
+    """
+    from . import triton_quant_kernels as te
+
+    if not caps or q_chunked:
+        return 0, 0
+    if mode is QuantMode.FP8_GROUP and fp8_enc == te.FP8_SOFT_FNUZ.value:
+        return _QUANT_MID_MAX_M, _QUANT_MID_MAX_M
+    if mode is QuantMode.MXFP4:
+        return _QUANT_DECODE_MAX_M, _QUANT_MID_MAX_M
+    return 0, 0
 
 
 def _weights_first(plan: _Plan, m_hi: int) -> bool:
@@ -584,6 +614,7 @@ class TritonBackend:
             NATIVE_CAST=req.device.type == "cuda" and torch.version.hip is None and not self._interpret,
             FMA=not self._interpret,
         )  # fmt: skip
+        held = _held_rows(mode, constexprs["FP8_ENC"], q_chunked, caps)
         plan = _Plan(
             q_chunked=q_chunked, q_tile=_next_pow2(tiles[True][0] * tiles[True][2]), k_chunked=k_chunked,
             k_tile=_next_pow2(k_nt * k_ng * k_gs), quantizes=mode is not QuantMode.NONE,
@@ -596,8 +627,7 @@ class TritonBackend:
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
             caps=caps,
-            reload_q=caps and not q_chunked and mode is QuantMode.FP8_GROUP
-            and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value,
+            unmasked_above=held[0], reload_above=held[1],
             k_early=caps and mode is QuantMode.FP8_TOKEN and not q_chunked and not k_chunked and k_nt == 1,
             split_max_m=self._split_max_m(req, tiles[False][1], q_chunked, constexprs["FP8_ENC"]),
             k_tail=caps and (mode is QuantMode.MXFP4 or (
@@ -698,7 +728,7 @@ class TritonBackend:
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first,
                   "RELOAD": cfg.reload, "K_EARLY": cfg.k_early, "Q_SPLIT": cfg.q_split, "PDL": cfg.pdl,
-                  "ONE_ROW": cfg.one_row}  # fmt: skip
+                  "ONE_ROW": cfg.one_row, "UNMASKED": cfg.unmasked}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
         elif cfg.one_program:

@@ -50,16 +50,47 @@ Q_TENSOR_ONE = tl.constexpr(6)  # FP8 per tensor with every q row in one program
 @triton.jit
 def _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask):
     """x = f(X) (+ f(RES)) in fp32 over a tile (rows int64)."""
-    x = to_f32(tl.load(X_PTR + rows * x_stride + cols, mask=mask, other=0.0))
+    q, res = _load_tile(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask)
+    return _widen_x(q, res, RES_PTR, False)
+
+
+@triton.jit
+def _load_tile(X_PTR, x_stride, RES_PTR, res_stride, rows, cols, mask):
+    """The tile of X and of RES as loaded (X's again without a residual)."""
+    q = tl.load(X_PTR + rows * x_stride + cols, mask=mask, other=0.0)
     if RES_PTR is not None:
-        x += to_f32(tl.load(RES_PTR + rows * res_stride + cols, mask=mask, other=0.0))
+        return q, tl.load(RES_PTR + rows * res_stride + cols, mask=mask, other=0.0)
+    else:
+        return q, q
+
+
+@triton.jit
+def _widen_x(q, res, RES_PTR, AGAIN: tl.constexpr):
+    """x = f(q) (+ f(res)) in fp32 from tiles as loaded.
+
+    AGAIN: a second widening of tiles held across the reduction, by the compiler's conversion. The
+    compiler does not merge it with the first (by the bits, :func:`to_f32`), so what lives across
+    the reduction is the tile as loaded (bf16 pairs: half the registers of its fp32 widening).
+    """
+    if AGAIN:
+        x = q.to(tl.float32)
+        if RES_PTR is not None:
+            x += res.to(tl.float32)
+    else:
+        x = to_f32(q)
+        if RES_PTR is not None:
+            x += to_f32(res)
     return x
 
 
 @triton.jit
-def _load_w(W_PTR, cols, mask, GEMMA: tl.constexpr):
-    """w = f(weight) (+ 1.0 in fp32 for gemma) over the tile's columns."""
-    return _widen_w(tl.load(W_PTR + cols, mask=mask, other=0.0), GEMMA)
+def _load_w(W_PTR, cols, mask, GEMMA: tl.constexpr, RAW: tl.constexpr = False):
+    """w = f(weight) (+ 1.0 in fp32 for gemma) over the tile's columns; RAW: as loaded (see :func:`_widen_w`)."""
+    w = tl.load(W_PTR + cols, mask=mask, other=0.0)
+    if RAW:
+        return w
+    else:
+        return _widen_w(w, GEMMA)
 
 
 @triton.jit
@@ -100,11 +131,19 @@ def _row_amax(y, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _tile(row0, M, N: tl.constexpr, ROWS: tl.constexpr, G0: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr):
-    """Indices of the [ROWS, NG, GS] tile of groups [G0, G0 + NG): rows (int64), groups, columns, masks."""
+def _tile(row0, M, N: tl.constexpr, ROWS: tl.constexpr, G0: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+          FULL: tl.constexpr = False):  # fmt: skip
+    """Indices of the [ROWS, NG, GS] tile of groups [G0, G0 + NG): rows (int64), groups, columns, masks.
+
+    FULL: the caller knows every row and column of the tile in bounds; the masks are then
+    constants, which Triton drops (no predicates, no zero fills).
+    """
     r = row0 + tl.arange(0, ROWS)[:, None, None]
     g = G0 + tl.arange(0, NG)[None, :, None]
     cols = g * GS + tl.arange(0, GS)[None, None, :]
+    if FULL:
+        return (r.to(tl.int64), g, cols, tl.full((ROWS, NG, GS), True, tl.int1),
+                tl.full((ROWS, NG, 1), True, tl.int1), tl.full((ROWS, 1, 1), True, tl.int1))  # fmt: skip
     rmask = r < M
     return r.to(tl.int64), g, cols, rmask & (cols < N), rmask & (g * GS < N), rmask
 
@@ -158,7 +197,7 @@ def _rows(
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     GEMMA: tl.constexpr, Q_MODE: tl.constexpr, INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr,
     NATIVE_CAST: tl.constexpr, FMA: tl.constexpr, W_FIRST: tl.constexpr, RELOAD: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, UNMASKED: tl.constexpr,
 ):  # fmt: skip
     """ROWS whole rows in registers as NT (1 to 3) tiles a, b, c of the same shape [ROWS, NG, GS].
 
@@ -166,13 +205,20 @@ def _rows(
     single reduction after every load is issued: one memory round trip per row.
     SPLIT: the program reads and reduces whole rows as above but writes tile ``part`` only (NT
     programs share a row, each quantizing a third of it: see the kernel's Q_SPLIT).
+    UNMASKED: a block of one row whose tiles cover it exactly is loaded and stored without masks
+    (the launcher gives every such block a row below M).
     Returns the rows' amax (a scalar, rows past M excluded) in Q_AMAX and Q_TENSOR_ONE modes, else 0.
     """
-    rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS)
+    FULL: tl.constexpr = UNMASKED and ROWS == 1 and NT * NG * GS == N
+    rows, ga, cola, maska, gmaska, rmask = _tile(row0, M, N, ROWS, 0, NG, GS, FULL)
     if NT > 1:
-        _, gb, colb, maskb, gmaskb, _ = _tile(row0, M, N, ROWS, NG, NG, GS)
+        _, gb, colb, maskb, gmaskb, _ = _tile(row0, M, N, ROWS, NG, NG, GS, FULL)
     if NT > 2:
-        _, gc, colc, maskc, gmaskc, _ = _tile(row0, M, N, ROWS, 2 * NG, NG, GS)
+        _, gc, colc, maskc, gmaskc, _ = _tile(row0, M, N, ROWS, 2 * NG, NG, GS, FULL)
+    # RELOAD, in the modes without a row-wide amax: x and the weights live across the reduction as
+    # loaded (bf16 pairs, half the registers of their fp32 widening: more programs per SM) and are
+    # widened again right before each tile's outputs are written.
+    AGAIN: tl.constexpr = RELOAD and (Q_MODE == Q_NONE or Q_MODE == Q_GROUP or Q_MODE == Q_MXFP4)
     # The weights are loaded at the tile's full shape (repeats hit L1): a [1, NG, GS] load would
     # get a layout of its own and cost a shared-memory layout conversion of the whole tile.
     zero = (rows * 0).to(tl.int32)
@@ -180,32 +226,30 @@ def _rows(
         # ptxas issues the weight loads after the sum of squares has waited for x (two memory
         # round trips before the first store); loads are not moved across a barrier, so with
         # the weights requested first and a barrier between, both are in flight together.
-        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
+        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA, AGAIN)
         if NT > 1:
-            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
+            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA, AGAIN)
         if NT > 2:
-            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
+            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA, AGAIN)
         tl.debug_barrier()
-    xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+    qa, sa = _load_tile(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
+    xa = _widen_x(qa, sa, RES_PTR, False)
     if not W_FIRST:
-        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA)
+        wa = _load_w(W_PTR, cola + zero, cola < N, GEMMA, AGAIN)
     ss = xa * xa
     if NT > 1:
-        xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+        qb, sb = _load_tile(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
+        xb = _widen_x(qb, sb, RES_PTR, False)
         if not W_FIRST:
-            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA)
+            wb = _load_w(W_PTR, colb + zero, colb < N, GEMMA, AGAIN)
         ss += xb * xb
     if NT > 2:
-        xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+        qc, sc = _load_tile(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
+        xc = _widen_x(qc, sc, RES_PTR, False)
         if not W_FIRST:
-            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA)
+            wc = _load_w(W_PTR, colc + zero, colc < N, GEMMA, AGAIN)
         ss += xc * xc
     rstd = _rstd(_row_sum(ss, ROWS), N, eps)
-    # RELOAD, in the modes without a row-wide amax: each tile of x is read again (from L1) right
-    # before its outputs are written, instead of being held across the reduction (fewer registers:
-    # more programs per SM). A tile is read before anything of its own columns is written, so the
-    # in-place forms stay correct.
-    AGAIN: tl.constexpr = RELOAD and (Q_MODE == Q_NONE or Q_MODE == Q_GROUP or Q_MODE == Q_MXFP4)
     amax = 0.0
     if not AGAIN:
         ya = (xa * rstd) * wa
@@ -229,8 +273,8 @@ def _rows(
     if Q_MODE != Q_AMAX:
         if not SPLIT or part == 0:
             if AGAIN:
-                xa = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, cola, maska)
-                ya = (xa * rstd) * wa
+                xa = _widen_x(qa, sa, RES_PTR, True)
+                ya = (xa * rstd) * _widen_w(wa, GEMMA)
             _write_tile(
                 xa, ya, rows, ga, cola, maska, gmaska, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                 QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
@@ -239,8 +283,8 @@ def _rows(
         if NT > 1:
             if not SPLIT or part == 1:
                 if AGAIN:
-                    xb = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colb, maskb)
-                    yb = (xb * rstd) * wb
+                    xb = _widen_x(qb, sb, RES_PTR, True)
+                    yb = (xb * rstd) * _widen_w(wb, GEMMA)
                 _write_tile(
                     xb, yb, rows, gb, colb, maskb, gmaskb, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
@@ -249,8 +293,8 @@ def _rows(
         if NT > 2:
             if not SPLIT or part == 2:
                 if AGAIN:
-                    xc = _load_x(X_PTR, x_stride, RES_PTR, res_stride, rows, colc, maskc)
-                    yc = (xc * rstd) * wc
+                    xc = _widen_x(qc, sc, RES_PTR, True)
+                    yc = (xc * rstd) * _widen_w(wc, GEMMA)
                 _write_tile(
                     xc, yc, rows, gc, colc, maskc, gmaskc, scale, OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
                     QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
@@ -327,7 +371,7 @@ def _q_block(
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, SPAN: tl.constexpr, GEMMA: tl.constexpr, Q_MODE: tl.constexpr,
     INV_FMAX: tl.constexpr, FP8_ENC: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
-    W_FIRST: tl.constexpr, RELOAD: tl.constexpr, SPLIT: tl.constexpr,
+    W_FIRST: tl.constexpr, RELOAD: tl.constexpr, SPLIT: tl.constexpr, UNMASKED: tl.constexpr,
 ):  # fmt: skip
     """q row block ``blk``: ROWS whole rows, or (CHUNKED) row ``blk`` in chunks of NG groups;
     with SPLIT, tile ``part`` of them only (:func:`_rows`).
@@ -347,6 +391,7 @@ def _q_block(
             OUT_PTR, out_stride, RES_OUT_PTR, res_out_stride,
             QUANT_PTR, quant_stride, SCALE_PTR, scale_stride_m, scale_stride_g,
             N, ROWS, NG, NT, GS, GEMMA, Q_MODE, INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD, SPLIT,
+            UNMASKED,
         )  # fmt: skip
 
 
@@ -355,7 +400,7 @@ def _k_block(
     blk, M, eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
     N: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr, NT: tl.constexpr, GS: tl.constexpr,
     CHUNKED: tl.constexpr, GEMMA: tl.constexpr, NATIVE_CAST: tl.constexpr, FMA: tl.constexpr,
-    W_FIRST: tl.constexpr,
+    W_FIRST: tl.constexpr, UNMASKED: tl.constexpr,
 ):  # fmt: skip
     """k row block ``blk``: the plain norm into k_out (no residual, never quantized)."""
     if CHUNKED:
@@ -367,7 +412,7 @@ def _k_block(
         _rows(
             blk * ROWS, 0, M, eps, 0.0, K_PTR, k_stride, None, None, K_W_PTR, K_OUT_PTR, k_out_stride, None, None,
             None, None, None, None, None, N, ROWS, NG, NT, GS, GEMMA, Q_NONE, 1.0, 0, NATIVE_CAST, FMA, W_FIRST, False,
-            False,
+            False, UNMASKED,
         )  # fmt: skip
 
 
@@ -442,11 +487,12 @@ def _qk_rmsnorm_kernel(
     NATIVE_CAST: tl.constexpr,  # hardware RNE fp32 -> bf16 usable
     FMA: tl.constexpr,  # fused multiply-add (compiled code; the interpreter rounds the product)
     W_FIRST: tl.constexpr,  # weights requested before x, behind a barrier (see _rows)
-    RELOAD: tl.constexpr,  # q rows (groups or no quantization): x read again after the reduction (see _rows)
+    RELOAD: tl.constexpr,  # q rows (groups or no quantization): x and w held as loaded, widened again after the reduction (see _rows)
     K_EARLY: tl.constexpr,  # K_WITH_Q, k rows of one tile: k's loads requested before the q rows' work
     Q_SPLIT: tl.constexpr,  # Q_NT programs per q row block, each writing one tile (q_programs counts them all)
     PDL: tl.constexpr,  # programmatic dependent launch (NVIDIA sm_90+): triton_launch.PDL_OFF, _TRIGGER or _WAIT
     ONE_ROW: tl.constexpr,  # M is 1: the row and program counts are compile-time values (the M and q_programs passed agree)
+    UNMASKED: tl.constexpr,  # blocks of one row covered exactly by their tiles: no masks (every such block's row is below M)
 ):  # fmt: skip
     """Fused RMSNorm of q and k rows, optionally quantizing q (SPEC §4).
 
@@ -477,7 +523,7 @@ def _qk_rmsnorm_kernel(
                     blk, 0, M, q_eps, 0.0, Q_PTR, q_stride, Q_RES_PTR, q_res_stride, Q_W_PTR,
                     None, None, None, None, None, None, None, None, None,
                     N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, False, False,
+                    INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, False, False, UNMASKED,
                 ))  # fmt: skip
                 blk += q_programs
             tl.store(AMAX_PTR + pid, amax)
@@ -509,7 +555,7 @@ def _qk_rmsnorm_kernel(
                 Q_OUT_PTR, q_out_stride, Q_RES_OUT_PTR, q_res_out_stride,
                 Q_QUANT_PTR, q_quant_stride, Q_SCALE_PTR, q_scale_stride_m, q_scale_stride_g,
                 N1, Q_ROWS, Q_NG, Q_NT, Q_GS, Q_CHUNKED, Q_SPAN, GEMMA, Q_MODE,
-                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD, Q_SPLIT,
+                INV_FMAX, FP8_ENC, NATIVE_CAST, FMA, W_FIRST, RELOAD, Q_SPLIT, UNMASKED,
             )  # fmt: skip
             if EARLY:
                 _k_early_finish(kx, kw, krows, kcols, kmask, k_eps, K_OUT_PTR, k_out_stride, N2, K_ROWS, GEMMA, NATIVE_CAST)
@@ -520,11 +566,12 @@ def _qk_rmsnorm_kernel(
                 if blk < tl.cdiv(M, K_ROWS) - (tl.num_programs(0) - q_programs) and (not Q_SPLIT or part == 0):
                     _k_block(
                         blk, M, k_eps, K_PTR, k_stride, K_W_PTR, K_OUT_PTR, k_out_stride,
-                        N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
+                        N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST, UNMASKED,
                     )  # fmt: skip
     elif K_PTR is not None:
         # k row blocks in programs of their own: all of them, or with K_WITH_Q the last ones
         _k_block(
             pid - (tl.num_programs(0) - tl.cdiv(M, K_ROWS) if K_WITH_Q else q_programs), M, k_eps, K_PTR, k_stride,
             K_W_PTR, K_OUT_PTR, k_out_stride, N2, K_ROWS, K_NG, K_NT, K_GS, K_CHUNKED, GEMMA, NATIVE_CAST, FMA, W_FIRST,
+            UNMASKED,
         )  # fmt: skip
