@@ -25,10 +25,10 @@ Heuristics (measured numbers in the notes block below)
   8192 rows; above that, FP8 groups through the hardware e4m3fn conversion keep that layout,
   and the issue-bound encoders (MXFP4, e4m3fnuz, per-token and per-tensor FP8) put each q row's
   k row in its program (no cross-warp reduction, and each program mixes quantizing arithmetic
-  with plain-norm memory traffic); DeepSeek's MXFP4 programs capped at 80 registers (88 with
-  k rows apart: :meth:`TritonBackend._register_caps`); above 8192 rows e4m3fnuz groups, and above
-  16384 MXFP4, hold x as loaded across the reduction, uncapped and without masks
-  (``_Config.reload``, ``_Config.unmasked``); per-token FP8 requests its k row's loads before the
+  with plain-norm memory traffic); DeepSeek's MXFP4 programs with k rows apart capped at 88
+  registers (:meth:`TritonBackend._register_cap`); above 8192 rows e4m3fnuz groups and MXFP4 hold
+  x as loaded across the reduction, uncapped (``_Config.reload``), and their one-row tiles go
+  without masks, MXFP4's from 2049 rows (``_Config.unmasked``; :func:`_held_rows`); per-token FP8 requests its k row's loads before the
   q row's work (``_Config.k_early``); up to 16384 rows MXFP4 and e4m3fnuz groups leave the last
   tenth of the k rows to programs launched after the q programs (``_Config.k_tail``). FP8 q rows
   are spread over the same warps in every bucket (batch invariance of the fp32 scales).
@@ -219,7 +219,7 @@ class _Plan:
     two_pass: bool  # per-tensor FP8: an amax launch first
     fnuz_view: bool  # pass the FP8 output as uint8 (Triton has no e4m3fnuz pointer type off ROCm)
     device_index: int | None  # CUDA device of the tensors (Triton launches on the current device)
-    register_caps: tuple[int, int] | None = None  # maxnreg of one-warp programs: k rows with q, apart (_register_caps)
+    register_cap: int | None = None  # maxnreg of one-warp programs with k rows apart, weights first (_register_cap)
     fp8: bool = False  # FP8 quantization: q rows over the same warps in every bucket (see _bucket_config)
     hw_groups: bool = False  # FP8 groups through the hardware e4m3fn conversion: k rows apart at prefill
     mid_w_first: bool = False  # a quantizing mode that requests the weights first from 257 to 16384 rows (_weights_first)
@@ -269,9 +269,8 @@ def _config(plan: _Plan, bucket: int) -> _Config:
             # 10.07 and 18.06 -> 17.70; at 80 with their k row (8192 < M <= 16384), per-token
             # FP8 29.95 -> 28.81 (uncapped and without the weights first before), e4m3fnuz per
             # token 31.58 -> 30.65, e4m3fnuz 1x128 32.17 -> 31.84, MXFP4 31.53 -> 31.20.
-            # DeepSeek's MXFP4 programs take their own caps (_register_caps).
-            with_q, apart = plan.register_caps or (80, 96)
-            cfg = replace(cfg, maxnreg=with_q if cfg.k_with_q else apart)
+            # DeepSeek's MXFP4 programs take their own cap (_register_cap).
+            cfg = replace(cfg, maxnreg=80 if cfg.k_with_q else plan.register_cap or 96)
     if plan.unmasked_above and m_hi > plan.unmasked_above:  # see _held_rows
         cfg = replace(cfg, unmasked=True)
     if plan.reload_above and m_hi > plan.reload_above:
@@ -465,8 +464,7 @@ def _bucket_config(plan: _Plan, bucket: int) -> _Config:
         # per row, each q row with its k row so that every program mixes the quantizing
         # arithmetic with plain-norm traffic (M = 65536: FP8 1x128 109 against 115 µs, MXFP4 123
         # against 148 µs).
-        cap = plan.register_caps[0] if plan.register_caps else None
-        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True, maxnreg=cap)
+        return _Config(1, 1, _warps(q_tile, _EPT_QUANT), k_with_q=True)
     rows = max(1, min(_TILE_NORM // q_tile, m_hi))
     return _Config(rows, max(1, _TILE_NORM // k_tile), _warps(rows * q_tile, _EPT_PREFILL))
 
@@ -622,7 +620,7 @@ class TritonBackend:
             constexprs=constexprs, two_pass=mode is QuantMode.FP8_TENSOR,
             fnuz_view=is_fp8 and req.quant_dtype == torch.float8_e4m3fnuz,
             device_index=req.device.index if req.device.type == "cuda" else None,
-            register_caps=self._register_caps(q_mode, tiles[False]) if caps else None, fp8=is_fp8,
+            register_cap=self._register_cap(q_mode, tiles[False]) if caps else None, fp8=is_fp8,
             hw_groups=mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_HW_FN.value,
             mid_w_first=mode not in (QuantMode.NONE, QuantMode.FP8_TENSOR) and not (
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value and req.group_size < 128),
@@ -673,21 +671,18 @@ class TritonBackend:
             return 0
         return _SPLIT_MAX_M
 
-    def _register_caps(self, q_mode: int, tiles: tuple[int, int, int]) -> tuple[int, int] | None:
-        """Registers per thread of the one-warp programs (k rows with their q row, k rows apart), where
-        caps let more of them share an SM (asked only where caps apply: compiled code on NVIDIA, the
-        plan's ``caps``); None: the caps of the other modes (:func:`_config`), or none.
+    def _register_cap(self, q_mode: int, tiles: tuple[int, int, int]) -> int | None:
+        """Registers per thread of the one-warp programs with k rows apart and the weights first,
+        where a cap lets more of them share an SM (asked only where caps apply: compiled code on
+        NVIDIA, the plan's ``caps``); None: the other modes' 96 (:func:`_config`).
 
-        Only for DeepSeek's q rows (1536 columns as three tiles: 48 elements per thread), the
-        layout measured, and only for MXFP4, whose integer encoder leaves the programs issue-bound
-        with registers to spare. With k rows, 80: sm_90 ptxas (Triton 3.6) gave them 89 registers
-        (21 one-warp programs per SM); at 80, 25 fit. H200, strided inputs, M = 65536 / 16384:
-        112.9-113.4 / 32.3 µs capped against 114.6-115.4 / 32.6-32.8 (the encoder before
-        3b5dece); 72 and 64 spilled and were slower. Apart (4096 and 8192 rows, weights first),
-        88 against the others' 96 (the programs take 94 uncapped; strided / contiguous µs,
+        Only for DeepSeek's MXFP4 q rows (1536 columns as three tiles: 48 elements per thread),
+        the layout measured: 88 (the programs take 94 uncapped; H200, strided / contiguous µs,
         M = 4096: 9.82 / 9.83 -> 9.65 / 9.58, 8192: 17.49 / 17.38 -> 17.07 / 17.00; 80 was
-        slower). e4m3fnuz groups were capped at 80 too (24 and 16 bytes of spill) until reading x
-        again after the reduction (``_config``) took them to about 70 registers uncapped.
+        slower). With their k rows (above 8192 rows) these programs were capped at 80 (89
+        registers uncapped: 21 programs per SM; at 80, 25; M = 65536 / 16384: 112.9-113.4 /
+        32.3 µs against 114.6-115.4 / 32.6-32.8 with the encoder before 3b5dece) until holding x
+        as loaded (:func:`_held_rows`) took them to 64 uncapped, as it did e4m3fnuz groups.
 
         Other caps gained nothing or lost for the other FP8 modes (per-token e4m3fnuz needs 66:
         110.5 against 107.1 µs at a cap of 80, where ptxas then takes registers it does not need;
@@ -696,7 +691,7 @@ class TritonBackend:
         """
         kn = self._kernels
         if q_mode == kn.Q_MXFP4.value and tiles == (16, 3, 32):
-            return 80, 88
+            return 88
         return None
 
     # -- launching
