@@ -658,14 +658,19 @@ def test_one_row_only_in_the_bucket_of_one_row() -> None:
         assert [tb._config(plan, tb._bucket(m)).one_row for m in (1, 2, 16, 17, 65536)] == [first] + [False] * 4, mode
 
 
+@pytest.mark.parametrize("most", [None, 1], ids=lambda b: f"most{b}")
 @pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
                          ids=repr)  # fmt: skip
 @pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
                                   QuantMode.MXFP4], ids=lambda m: m.value)  # fmt: skip
-def test_k_tail_changes_no_output_bit(mode: QuantMode, cfg: tb._Config) -> None:
-    """k_tail: the last tenth of the k row blocks (M = 23: two of 23 one-row blocks, or one of 12
-    two-row blocks, half past M) go to programs launched after the q programs, which leave them:
-    every output is bit for bit the configuration's without it, and k_out is the reference's."""
+def test_k_tail_changes_no_output_bit(mode: QuantMode, cfg: tb._Config, most: int | None,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """k_tail: the k rows of the last row blocks, a tenth (M = 23: two of 23 one-row blocks, or one
+    of 12 two-row blocks, half past M) or at most ``_K_TAIL_BLOCKS`` (here one), go to programs
+    launched after the q programs, which leave them: every output is bit for bit the
+    configuration's without it, and k_out is the reference's."""
+    if most is not None:
+        monkeypatch.setattr(tb, "_K_TAIL_BLOCKS", most)
     tail, _, _ = _same_bits_with(mode, 23, 500, cfg, k_tail=True)
     _k_out_is_the_reference(tail, mode, 23, 500)
 
@@ -761,7 +766,8 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         if mode is QuantMode.FP8_TOKEN:
             big = replace(big, k_early=compiled)
         elif mode is QuantMode.MXFP4:
-            big = replace(big, reload=compiled, unmasked=compiled)
+            # the k rows of the last row blocks in programs launched last (compiled NVIDIA code)
+            big = replace(big, reload=compiled, unmasked=compiled, k_tail=compiled)
         assert config(mode, 65536) == big
         if apart:
             assert config(mode, 16384) == replace(big, w_first=True)
@@ -770,9 +776,10 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         elif mode is QuantMode.FP8_TOKEN:
             assert config(mode, 16384) == replace(big, w_first=not rocm)
         else:
-            # MXFP4 moves the last tenth of its k rows into programs launched last (compiled NVIDIA
-            # code); in the interpreter and on ROCm its one-warp programs are not capped either
-            assert config(mode, 16384) == replace(big, w_first=not rocm, k_tail=compiled), mode
+            # in the interpreter and on ROCm MXFP4's one-warp programs are not capped either
+            assert config(mode, 16384) == replace(big, w_first=not rocm), mode
+        # MXFP4's x held as loaded: the weights first up to 32768 rows
+        assert config(mode, 32768) == replace(big, w_first=compiled and mode is QuantMode.MXFP4), mode
     assert config(QuantMode.NONE, 4096) == config(QuantMode.NONE, 65536) == tb._Config(2, 8, 4, one_tile=True)
     # e4m3fnuz groups (the integer encoder everywhere): compiled NVIDIA code holds x as loaded
     # across the reduction above 8192 rows, uncapped and unmasked, with the weights first up to 16384
@@ -786,12 +793,10 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         plan = be._plan(fnuz, fnuz.key())
         # their integer encoder splits q rows over a program per tile up to 256 rows (not on ROCm)
         assert [tb._config(plan, tb._bucket(m)).q_split for m in (1, 256, 257)] == [not rocm, not rocm, False]
-        assert tb._config(plan, tb._bucket(65536)) == tb._Config(
-            1, 1, 1, k_with_q=True, reload=compiled, unmasked=compiled)
-        assert tb._config(plan, tb._bucket(16384)) == tb._Config(
-            1, 1, 1, k_with_q=True, w_first=not rocm and (gs == 128 or compiled), reload=compiled, k_tail=compiled,
-            unmasked=compiled,
-        )  # fmt: skip
+        big = tb._Config(1, 1, 1, k_with_q=True, reload=compiled, unmasked=compiled, k_tail=compiled)
+        assert tb._config(plan, tb._bucket(65536)) == big
+        assert tb._config(plan, tb._bucket(32768)) == replace(big, w_first=compiled)
+        assert tb._config(plan, tb._bucket(16384)) == replace(big, w_first=not rocm and (gs == 128 or compiled))
         # weights first at 257-8192 rows for groups of 128 only, then capped at 96 registers
         mid = tb._config(plan, tb._bucket(4096))
         assert mid == (tb._Config(1, 4, 1, w_first=not rocm, maxnreg=96 if compiled else None) if gs == 128

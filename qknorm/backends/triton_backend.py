@@ -29,8 +29,9 @@ Heuristics (measured numbers in the notes block below)
   registers (:meth:`TritonBackend._register_cap`); above 8192 rows e4m3fnuz groups and MXFP4 hold
   x as loaded across the reduction, uncapped (``_Config.reload``), and their one-row tiles go
   without masks, MXFP4's from 2049 rows (``_Config.unmasked``; :func:`_held_rows`); per-token FP8 requests its k row's loads before the
-  q row's work (``_Config.k_early``); up to 16384 rows MXFP4 and e4m3fnuz groups leave the last
-  tenth of the k rows to programs launched after the q programs (``_Config.k_tail``). FP8 q rows
+  q row's work (``_Config.k_early``); MXFP4 and e4m3fnuz groups leave the k rows of their last
+  row blocks (a tenth, at most ``_K_TAIL_BLOCKS``) to programs launched after the q programs
+  (``_Config.k_tail``), and request their weights first up to 32768 rows. FP8 q rows
   are spread over the same warps in every bucket (batch invariance of the fp32 scales).
 - Load order: where measured faster, a program requests its weights before x, behind a
   barrier (:func:`_weights_first`; ptxas otherwise issues them after the sum of squares).
@@ -100,9 +101,11 @@ _QUANT_DECODE_MAX_M = 2048  # quantizing calls keep the decode configuration up 
 _QUANT_MID_MAX_M = 8192  # ... and k rows apart (one warp per q row, two per token) up to this many
 _W_FIRST_MAX_M = 16384  # quantizing programs request their weights first up to this many rows (_weights_first)
 _SPLIT_MAX_M = 16  # quantizing calls split each q row over one program per tile up to this many rows (_split_max_m)
+_RELOAD_W_FIRST_MAX_M = 32768  # ... and programs holding x as loaded (_Config.reload) up to this many
 _K_TAIL_SHARE = 10  # with a k tail (_config), one k row block in this many goes to programs launched last
+_K_TAIL_BLOCKS = 1600  # ... and at most this many (the tail covers a launch's last few µs, whatever M)
 # Row-count buckets: each gets its own launch configuration (and compiled variant).
-_BUCKETS = (1, 16, 256, 2048, 8192, 16384)
+_BUCKETS = (1, 16, 256, 2048, 8192, 16384, 32768)
 _MAX_SINGLE = 8192  # widest padded row kept whole in registers
 _MIN_SPLIT_TILE = 256  # narrowest tile of a row held as three (narrower rows: one padded tile)
 _CHUNK = 4096  # columns per pass for wider rows
@@ -200,7 +203,7 @@ class _Config:
     k_early: bool = False  # k_with_q: the k row's loads requested before the q row's work (see _config)
     q_split: bool = False  # each q row block written by one program per tile, all reducing whole rows (see _config)
     one_row: bool = False  # M = 1: the kernel's ONE_ROW (see _config)
-    k_tail: bool = False  # k_with_q: the last tenth of the k row blocks in programs of their own, launched last (_config)
+    k_tail: bool = False  # k_with_q: the k rows of the last row blocks in programs of their own, launched last (_config)
     pdl: int = PDL_OFF  # programmatic dependent launch (triton_launch.PDL_*; see _pdl)
 
 
@@ -274,8 +277,12 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     if plan.unmasked_above and m_hi > plan.unmasked_above:  # see _held_rows
         cfg = replace(cfg, unmasked=True)
     if plan.reload_above and m_hi > plan.reload_above:
-        # Uncapped (64 registers for DeepSeek's rows), with the weights first up to 16384 rows.
-        cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _W_FIRST_MAX_M)
+        # Uncapped (64 registers for DeepSeek's rows), with the weights first up to 32768 rows
+        # (with the k tail below; H200, DeepSeek, strided / contiguous, µs at M = 32768, k tail ->
+        # k tail and weights first: MXFP4 53.74 / 53.67 -> 53.33 / 53.10, e4m3fnuz 1x128 56.23 /
+        # 56.22 -> 55.63 / 55.17, 1x32 56.61 / 56.06 -> 55.94 / 55.53; at 65536 MXFP4 102.05 /
+        # 102.64 -> 103.30 / 102.69).
+        cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _RELOAD_W_FIRST_MAX_M)
     if plan.k_early and cfg.k_with_q:
         # Per-token FP8 with k rows in the q programs (above 8192 rows): the k row's loads go out
         # before the q row's work, so a program waits for memory once. The k tile then lives
@@ -287,15 +294,21 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # 16384, 103.62 -> 111.21 at 65536: its programs need the registers); e4m3fnuz groups
         # gained under 1%.
         cfg = replace(cfg, k_early=True, maxnreg=96 if plan.fnuz_view and cfg.w_first else None)
-    if plan.k_tail and cfg.k_with_q and m_hi <= _W_FIRST_MAX_M:
-        # A launch ends with its last q programs encoding while memory idles. Moving the last
-        # tenth of the k rows into programs of their own, launched after every q program, fills
-        # that end with the k rows' traffic. H200, DeepSeek, strided / contiguous, µs at M = 16384:
-        # MXFP4 29.06 / 28.68 -> 28.47 / 28.10, e4m3fnuz 1x128 30.67 / 30.21 -> 29.88 / 29.52, 1x32
-        # 30.82 / 30.28 -> 30.11 / 29.60. The share, swept on MXFP4 (29.23 / 28.82 without): 1/31
-        # 28.75 / 28.35, 1/10 28.64 / 28.29, 1/5 28.85 / 28.53, 2/5 29.93 / 29.74. At 65536 rows
-        # MXFP4 got slower (103.47 / 102.26 -> 103.72 / 102.57 with 1/10) and e4m3fnuz gained
-        # 0.5%: not taken there. Outputs are bit for bit the same (tests/test_triton.py).
+    if plan.k_tail and cfg.k_with_q:
+        # A launch ends with its last q programs encoding while memory idles. Moving the k rows
+        # of the last row blocks into programs of their own, launched after every q program,
+        # fills that end with the k rows' traffic. H200, DeepSeek, strided / contiguous, µs at
+        # M = 16384: MXFP4 29.06 / 28.68 -> 28.47 / 28.10, e4m3fnuz 1x128 30.67 / 30.21 -> 29.88 /
+        # 29.52, 1x32 30.82 / 30.28 -> 30.11 / 29.60. The share, swept on MXFP4 (29.23 / 28.82
+        # without): 1/31 28.75 / 28.35, 1/10 28.64 / 28.29, 1/5 28.85 / 28.53, 2/5 29.93 / 29.74.
+        # The end to fill lasts the same few µs at any M, and so does the best tail: about 1600
+        # blocks (_K_TAIL_BLOCKS), a tenth at 16384 rows. MXFP4 without a tail -> a tail of 1638
+        # / 3277 / 5461 blocks at 32768 rows: 54.16 / 54.24 -> 53.55 / 53.48, 53.74 / 53.67, 54.70
+        # / 54.60; at 65536, without -> 1092 / 1638 / 2185 blocks: 103.10 / 103.23 -> 102.65 /
+        # 102.41, 102.05 / 102.64, 102.50 / 102.51 (with a tenth, 6554 blocks, it got slower:
+        # 103.47 -> 103.72). e4m3fnuz 1x128 at 32768: 57.09 / 56.99 -> 56.23 / 56.22 (1638
+        # blocks); 1x64 at 65536 108.36 -> 107.62. Outputs are bit for bit the same
+        # (tests/test_triton.py).
         cfg = replace(cfg, k_tail=True)
     if m_hi <= plan.split_max_m:  # decode: a program per q tile (TritonBackend._split_max_m)
         cfg = replace(cfg, q_split=True)
@@ -760,7 +773,7 @@ class TritonBackend:
         if args["K_PTR"] is not None and not launch.k_with_q:
             k_programs = m if plan.k_chunked else -(-m // cfg.k_rows)
         elif launch.k_with_q and cfg.k_tail:
-            k_programs = -(-m // cfg.q_rows) // _K_TAIL_SHARE  # the kernel reads the tail off the grid
+            k_programs = min(-(-m // cfg.q_rows) // _K_TAIL_SHARE, _K_TAIL_BLOCKS)  # the kernel reads the tail off the grid
         grid = q_programs + k_programs
         args.update(M=m, q_eps=req.q_eps, k_eps=req.k_eps, q_programs=q_programs)
         key = self._strides(args)  # the compiled kernel is specialized on these (None: absent)
