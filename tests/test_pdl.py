@@ -124,7 +124,7 @@ def test_pdl_rule_of_the_first_operator(mode: str) -> None:
     plan = _plan("groups" if mode == "hw_groups" else mode)
     plan.hw_groups = mode == "hw_groups"
     got = {tb._bucket_hi(b): tb._config(plan, b).pdl for b in range(len(tb._BUCKETS) + 1)}
-    wait = {"hw_groups": {1 << 20}, "tensor": {8192}}.get(mode, set())
+    wait = {"hw_groups": {32768, 1 << 20}, "tensor": {8192}}.get(mode, set())
     assert got == {m: PDL_WAIT if m in wait else PDL_TRIGGER for m in got}
     plan.pdl = False
     assert {tb._config(plan, b).pdl for b in range(len(tb._BUCKETS) + 1)} == {PDL_OFF}
