@@ -588,6 +588,68 @@ def test_unmasked_tiles_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -
     _k_out_is_the_reference(unmasked, mode, 5, 512)
 
 
+def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool):
+    """An MXFP4 request on ``q`` (k 512 wide), with the unquantized y too when ``with_y``."""
+    gen = torch.Generator().manual_seed(m)
+    k = torch.randn(m, 512, generator=gen).to(DEVICE, torch.bfloat16)
+    n1 = q.shape[1]
+    return build_request(
+        q=q, q_weight=(1 + 0.1 * torch.randn(n1, generator=gen)).to(DEVICE, torch.bfloat16), q_epsilon=1e-6,
+        k=k, k_weight=torch.ones(512, dtype=torch.bfloat16, device=DEVICE), k_out=torch.empty_like(k),
+        mode=QuantMode.MXFP4, group_size=32, gemma_norm=gemma, q_out=torch.empty_like(q) if with_y else None,
+        q_out_quantized=torch.empty(m, n1 // 2, dtype=torch.uint8, device=DEVICE),
+        q_out_scale=torch.empty(m, n1 // 32, dtype=torch.uint8, device=DEVICE),
+    )  # fmt: skip
+
+
+_WORDS_CONFIGS = [tb._Config(1, 1, 1, k_with_q=True, unmasked=True), tb._Config(1, 4, 1, w_first=True, unmasked=True)]
+
+
+@pytest.mark.parametrize("gemma", [False, True], ids=["w", "gemma"])
+@pytest.mark.parametrize("with_y", [False, True], ids=["codes", "codes+y"])
+@pytest.mark.parametrize("cfg", _WORDS_CONFIGS, ids=repr)
+def test_words_change_no_output_bit(cfg: tb._Config, with_y: bool, gemma: bool) -> None:
+    """WORDS reads bf16 MXFP4 rows (q 768 = 3 x 256 columns) as 32-bit words and reduces their
+    sum of squares in the tiles' order: every output is bit for bit the same configuration's
+    without it, and the codes and scales are the reference's."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 768, generator=gen).to(DEVICE, torch.bfloat16)
+    plain, words, expected = (_mxfp4_words_request(5, q, with_y, gemma) for _ in range(3))
+    be = TritonBackend()
+    plan = be._plan(plain, plain.key())
+    be._launch(plain, plan, cfg)
+    be._launch(words, plan, replace(cfg, words=True))
+    assert replace(cfg, words=True) in plan.launches  # the words program ran
+    for name in ("q_out", "q_quant", "q_scale", "k_out"):
+        a, b = getattr(plain, name), getattr(words, name)
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    qk_rmsnorm_reference(expected)
+    assert_mxfp4_close(words.q_quant, words.q_scale, expected.q_quant, expected.q_scale)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("view", ["offset", "odd_stride"])
+def test_words_need_aligned_rows(view: str) -> None:
+    """Rows read as 32-bit words must start 4-byte aligned: a q view one element in (an odd
+    address) or with an odd row stride is launched without WORDS, and gives the same bits."""
+    gen = torch.Generator().manual_seed(12)
+    if view == "offset":
+        q = torch.randn(5, 770, generator=gen).to(DEVICE, torch.bfloat16)[:, 1:769]
+        assert q.data_ptr() % 4 == 2
+    else:
+        q = torch.randn(5, 769, generator=gen).to(DEVICE, torch.bfloat16)[:, :768]
+        assert q.stride(0) % 2 == 1
+    cfg = replace(_WORDS_CONFIGS[0], words=True)
+    plain, words = _mxfp4_words_request(5, q, False, False), _mxfp4_words_request(5, q, False, False)
+    be = TritonBackend()
+    plan = be._plan(words, words.key())
+    be._launch(words, plan, cfg)
+    assert cfg not in plan.launches and tb._without_words(cfg) in plan.launches
+    be._launch(plain, plan, tb._without_words(cfg))
+    for name in ("q_quant", "q_scale", "k_out"):
+        assert torch.equal(getattr(plain, name), getattr(words, name)), name
+
+
 @pytest.mark.parametrize("cfg", [tb._Config(1, 1, 1, k_with_q=True), tb._Config(2, 2, 2, k_with_q=True, w_first=True)],
                          ids=repr)  # fmt: skip
 @pytest.mark.parametrize("mode", [QuantMode.NONE, QuantMode.FP8_GROUP, QuantMode.FP8_TOKEN, QuantMode.FP8_TENSOR,
@@ -753,8 +815,10 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
     assert config(QuantMode.FP8_TENSOR, 1) == tb._Config(1, 4, 1, one_pass=True)  # one row: one launch
     # up to 16 rows: one launch, all of q in one program (16 warps, one per row)
     assert config(QuantMode.FP8_TENSOR, 2) == config(QuantMode.FP8_TENSOR, 16) == tb._Config(16, 4, 16, one_program=True)
-    # DeepSeek MXFP4: 88 registers, and one-row tiles without masks in compiled NVIDIA code
-    mid_mxfp4 = tb._Config(1, 4, 1, w_first=not rocm, maxnreg=88 if compiled else None, unmasked=compiled)
+    # DeepSeek MXFP4: 88 registers, and in compiled NVIDIA code one-row tiles without masks, read
+    # as 32-bit words (bf16 rows)
+    mid_mxfp4 = tb._Config(1, 4, 1, w_first=not rocm, maxnreg=88 if compiled else None, unmasked=compiled,
+                           words=compiled)  # fmt: skip
     assert config(QuantMode.MXFP4, 4096) == config(QuantMode.MXFP4, 8192) == mid_mxfp4
     # FP8 groups go through the hardware e4m3fn conversion in compiled code on NVIDIA sm_89+ (the
     # interpreter and ROCm use the integer encoder, as e4m3fnuz does everywhere); per-token FP8
@@ -766,8 +830,10 @@ def test_deepseek_launch_configurations_are_the_measured_ones() -> None:
         if mode is QuantMode.FP8_TOKEN:
             big = replace(big, k_early=compiled)
         elif mode is QuantMode.MXFP4:
-            # the k rows of the last row blocks in programs launched last (compiled NVIDIA code)
-            big = replace(big, reload=compiled, unmasked=compiled, k_tail=compiled)
+            # the k rows of the last row blocks in programs launched last, rows read as words
+            # capped at 64 registers (compiled NVIDIA code)
+            big = replace(big, reload=compiled, unmasked=compiled, k_tail=compiled, words=compiled,
+                          maxnreg=64 if compiled else None)  # fmt: skip
         assert config(mode, 65536) == big
         if apart:
             assert config(mode, 16384) == replace(big, w_first=True)

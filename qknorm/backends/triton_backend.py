@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import Any
@@ -203,6 +204,7 @@ class _Config:
     k_early: bool = False  # k_with_q: the k row's loads requested before the q row's work (see _config)
     q_split: bool = False  # each q row block written by one program per tile, all reducing whole rows (see _config)
     one_row: bool = False  # M = 1: the kernel's ONE_ROW (see _config)
+    words: bool = False  # bf16 MXFP4 rows read as 32-bit words (the kernel's WORDS; see _config)
     k_tail: bool = False  # k_with_q: the k rows of the last row blocks in programs of their own, launched last (_config)
     pdl: int = PDL_OFF  # programmatic dependent launch (triton_launch.PDL_*; see _pdl)
 
@@ -234,6 +236,7 @@ class _Plan:
     k_tail: bool = False  # MXFP4 or e4m3fnuz groups in compiled NVIDIA code: k rows of the last blocks apart (_config)
     pdl: bool = False  # programmatic dependent launch on (triton_launch.set_pdl) and supported by the device
     one_row: bool = False  # M = 1 with the counts at compile time (ONE_ROW): the plain norm and MXFP4 in compiled NVIDIA code (_config)
+    words: bool = False  # bf16 MXFP4 without a residual, tiles covering the row: unmasked rows read as words (_config)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -283,6 +286,15 @@ def _config(plan: _Plan, bucket: int) -> _Config:
         # 56.22 -> 55.63 / 55.17, 1x32 56.61 / 56.06 -> 55.94 / 55.53; at 65536 MXFP4 102.05 /
         # 102.64 -> 103.30 / 102.69).
         cfg = replace(cfg, reload=True, maxnreg=None, w_first=m_hi <= _RELOAD_W_FIRST_MAX_M)
+    if plan.words and cfg.unmasked:
+        # bf16 MXFP4 rows read as 32-bit words (the kernel's _rows_words): 1232 sm_90 instructions
+        # per DeepSeek program against 1392, 72 registers (64 capped, 1256 instructions, no
+        # spills). H200, DeepSeek, µs, strided / contiguous, bf16 tiles -> words: 9.33 / 9.31 ->
+        # 8.99 / 8.95 at M = 4096 and 16.65 / 16.63 -> 15.61 / 15.56 at 8192 (the cap of 88: at 64
+        # or 72, 9.57-9.71); 28.12 / 27.97 -> 26.06 / 25.97 at 16384, 53.00 / 52.75 -> 48.48 /
+        # 48.32 at 32768 and 101.5 / 102.0 -> 93.0 / 92.7 at 65536 capped at 64 (uncapped, 26.51 /
+        # 26.43, 49.49 / 49.28, 95.5 / 95.0; at 56, 27.11 at 16384).
+        cfg = replace(cfg, words=True, maxnreg=64 if cfg.reload else cfg.maxnreg)
     if plan.k_early and cfg.k_with_q:
         # Per-token FP8 with k rows in the q programs (above 8192 rows): the k row's loads go out
         # before the q row's work, so a program waits for memory once. The k tile then lives
@@ -360,6 +372,11 @@ def _pdl(plan: _Plan, m_hi: int) -> int:
     if plan.two_pass and _QUANT_DECODE_MAX_M < m_hi <= _QUANT_MID_MAX_M:
         return PDL_WAIT
     return PDL_TRIGGER
+
+
+def _without_words(cfg: _Config) -> _Config:
+    """``cfg`` for a call whose q rows or weights cannot be read as 32-bit words (not 4-byte aligned)."""
+    return replace(cfg, words=False, maxnreg=None if cfg.reload else cfg.maxnreg)
 
 
 def _held_rows(mode: QuantMode, fp8_enc: int, q_chunked: bool, caps: bool) -> tuple[int, int]:
@@ -645,6 +662,8 @@ class TritonBackend:
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value)),
             pdl=pdl_supported(req.device, self._interpret),
             one_row=caps and mode in (QuantMode.NONE, QuantMode.MXFP4),
+            words=bool(held[0]) and mode is QuantMode.MXFP4 and req.q_residual is None
+            and req.dtype == req.q_weight.dtype == torch.bfloat16 and math.prod(tiles[False]) == n1,
         )  # fmt: skip
         self._plans[key] = plan
         return plan
@@ -736,7 +755,7 @@ class TritonBackend:
         consts = {**plan.constexprs, "Q_ROWS": cfg.q_rows, "Q_NG": q_ng, "Q_NT": q_nt, "Q_GS": q_gs,
                   "K_ROWS": cfg.q_rows if k_with_q else cfg.k_rows, "K_WITH_Q": k_with_q, "W_FIRST": cfg.w_first,
                   "RELOAD": cfg.reload, "K_EARLY": cfg.k_early, "Q_SPLIT": cfg.q_split, "PDL": cfg.pdl,
-                  "ONE_ROW": cfg.one_row, "UNMASKED": cfg.unmasked}  # fmt: skip
+                  "ONE_ROW": cfg.one_row, "UNMASKED": cfg.unmasked, "WORDS": cfg.words}  # fmt: skip
         if cfg.one_pass:
             consts["Q_MODE"] = self._kernels.Q_ROW.value
         elif cfg.one_program:
@@ -762,6 +781,8 @@ class TritonBackend:
                 bits |= p
                 if stride:
                     args[stride] = t.stride(0)
+        if cfg.words and ((args["Q_PTR"] | args["Q_W_PTR"]) & 3 or args["q_stride"] & 1):
+            cfg = _without_words(cfg)  # rows read as 32-bit words must start 4-byte aligned
         scale = req.q_scale
         if scale is not None and scale.dim() > 1:
             args["q_scale_stride_g"] = scale.stride(1)
