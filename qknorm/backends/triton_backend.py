@@ -28,7 +28,8 @@ Heuristics (measured numbers in the notes block below)
   with plain-norm memory traffic); DeepSeek's MXFP4 programs with k rows apart capped at 88
   registers (:meth:`TritonBackend._register_cap`); above 8192 rows e4m3fnuz groups and MXFP4 hold
   x as loaded across the reduction, uncapped (``_Config.reload``), and their one-row tiles go
-  without masks, MXFP4's from 2049 rows (``_Config.unmasked``; :func:`_held_rows`); per-token FP8 requests its k row's loads before the
+  without masks, MXFP4's from 2049 rows (``_Config.unmasked``; :func:`_held_rows`), where bf16
+  MXFP4 rows are read as 32-bit words (``_Config.words``); per-token FP8 requests its k row's loads before the
   q row's work (``_Config.k_early``); MXFP4 and e4m3fnuz groups leave the k rows of their last
   row blocks (a tenth, at most ``_K_TAIL_BLOCKS``) to programs launched after the q programs
   (``_Config.k_tail``), and request their weights first up to 32768 rows. FP8 q rows

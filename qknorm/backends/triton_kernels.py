@@ -378,8 +378,11 @@ def _rows_words(
     and a shift for the high half; and the two codes of a byte come out of the same word. The
     words live across the reduction as loaded and are widened again after it through forms the
     compiler cannot merge with the first (see :func:`_words_out`). The sum of squares is reduced
-    over the halves joined back into [1, NG, GS] tiles, in :func:`_rows`' order: the same bits.
-    DeepSeek's MXFP4 program (sm_90): 1232 instructions against 1392 held as bf16 tiles.
+    over the halves joined back into [1, NG, GS] tiles, as :func:`_rows` reduces its tiles: the
+    same bits in the interpreter; compiled, the reduction's order may differ, and r with it by an
+    ulp in a few rows of thousands (H200: a handful of code bytes in 16384 rows), as between the
+    decode and prefill layouts of MXFP4 rows. DeepSeek's MXFP4 program (sm_90): 1232
+    instructions against 1392 held as bf16 tiles (1256 capped at 64 registers).
     """
     HW: tl.constexpr = GS // 2
     TW: tl.constexpr = NG * HW  # words per tile
