@@ -290,11 +290,11 @@ def _config(plan: _Plan, bucket: int) -> _Config:
     if plan.words and cfg.unmasked:
         # bf16 MXFP4 rows read as 32-bit words (the kernel's _rows_words): 1232 sm_90 instructions
         # per DeepSeek program against 1392, 72 registers (64 capped, 1256 instructions, no
-        # spills). H200, DeepSeek, µs, strided / contiguous, bf16 tiles -> words: 9.33 / 9.31 ->
-        # 8.99 / 8.95 at M = 4096 and 16.65 / 16.63 -> 15.61 / 15.56 at 8192 (the cap of 88: at 64
-        # or 72, 9.57-9.71); 28.12 / 27.97 -> 26.06 / 25.97 at 16384, 53.00 / 52.75 -> 48.48 /
-        # 48.32 at 32768 and 101.5 / 102.0 -> 93.0 / 92.7 at 65536 capped at 64 (uncapped, 26.51 /
-        # 26.43, 49.49 / 49.28, 95.5 / 95.0; at 56, 27.11 at 16384).
+        # spills). H200, DeepSeek, µs, strided / contiguous, bf16 tiles -> words: 9.32 / 9.28 ->
+        # 9.11 / 9.07 at M = 4096 and 16.74 / 16.67 -> 15.95 / 15.88 at 8192 (the cap of 88: at 64
+        # or 72, 9.52-9.71 against 8.95-9.10); capped at 64, 27.81 / 27.98 -> 26.99 / 26.85 at
+        # 16384, 53.02 / 53.25 -> 50.29 / 50.36 at 32768 and 102.1 / 102.0 -> 94.6 / 94.1 at 65536
+        # (uncapped, 26.51 against 26.06 at 16384 in another run; at 56, 27.11).
         cfg = replace(cfg, words=True, maxnreg=64 if cfg.reload else cfg.maxnreg)
     if plan.k_early and cfg.k_with_q:
         # Per-token FP8 with k rows in the q programs (above 8192 rows): the k row's loads go out
