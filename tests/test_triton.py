@@ -588,15 +588,17 @@ def test_unmasked_tiles_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -
     _k_out_is_the_reference(unmasked, mode, 5, 512)
 
 
-def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool):
-    """An MXFP4 request on ``q`` (k 512 wide), with the unquantized y too when ``with_y``."""
+def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool, in_place: bool = False):
+    """An MXFP4 request on ``q`` (k 512 wide), with the unquantized y too when ``with_y`` (into q
+    itself when ``in_place``)."""
     gen = torch.Generator().manual_seed(m)
     k = torch.randn(m, 512, generator=gen).to(DEVICE, torch.bfloat16)
     n1 = q.shape[1]
     return build_request(
         q=q, q_weight=(1 + 0.1 * torch.randn(n1, generator=gen)).to(DEVICE, torch.bfloat16), q_epsilon=1e-6,
         k=k, k_weight=torch.ones(512, dtype=torch.bfloat16, device=DEVICE), k_out=torch.empty_like(k),
-        mode=QuantMode.MXFP4, group_size=32, gemma_norm=gemma, q_out=torch.empty_like(q) if with_y else None,
+        mode=QuantMode.MXFP4, group_size=32, gemma_norm=gemma,
+        q_out=(q if in_place else torch.empty_like(q)) if with_y else None,
         q_out_quantized=torch.empty(m, n1 // 2, dtype=torch.uint8, device=DEVICE),
         q_out_scale=torch.empty(m, n1 // 32, dtype=torch.uint8, device=DEVICE),
     )  # fmt: skip
@@ -627,6 +629,24 @@ def test_words_change_no_output_bit(cfg: tb._Config, with_y: bool, gemma: bool) 
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     qk_rmsnorm_reference(expected)
     assert_mxfp4_close(words.q_quant, words.q_scale, expected.q_quant, expected.q_scale)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cfg", _WORDS_CONFIGS, ids=repr)
+def test_words_in_place(cfg: tb._Config) -> None:
+    """q_out=q with WORDS: a row's words are all loaded before any of its tiles is written, so
+    the outputs are bit for bit those on fresh tensors."""
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(5, 768, generator=gen).to(DEVICE, torch.bfloat16)
+    actual = _mxfp4_words_request(5, q, True, False, in_place=True)
+    expected = _mxfp4_words_request(5, q.clone(), True, False)
+    cfg = replace(cfg, words=True)
+    be = TritonBackend()
+    be._launch(expected, be._plan(expected, expected.key()), cfg)
+    plan = be._plan(actual, actual.key())
+    be._launch(actual, plan, cfg)
+    assert cfg in plan.launches and actual.q_out is actual.q
+    for name in ("q_out", "q_quant", "q_scale", "k_out"):
+        assert torch.equal(getattr(actual, name).view(torch.uint8), getattr(expected, name).view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("view", ["offset", "odd_stride"])
