@@ -376,7 +376,8 @@ def _pdl(plan: _Plan, m_hi: int) -> int:
 
 
 def _without_words(cfg: _Config) -> _Config:
-    """``cfg`` for a call whose q rows or weights cannot be read as 32-bit words (not 4-byte aligned)."""
+    """``cfg`` for a call whose q rows or weights cannot be read as 32-bit words (not 4-byte aligned,
+    or 2^31 rows and more: the kernel makes a zero of ``M >> 31``)."""
     return replace(cfg, words=False, maxnreg=None if cfg.reload else cfg.maxnreg)
 
 
@@ -782,8 +783,8 @@ class TritonBackend:
                 bits |= p
                 if stride:
                     args[stride] = t.stride(0)
-        if cfg.words and ((args["Q_PTR"] | args["Q_W_PTR"]) & 3 or args["q_stride"] & 1):
-            cfg = _without_words(cfg)  # rows read as 32-bit words must start 4-byte aligned
+        if cfg.words and ((args["Q_PTR"] | args["Q_W_PTR"]) & 3 or args["q_stride"] & 1 or m >= 1 << 31):
+            cfg = _without_words(cfg)  # rows read as 32-bit words must start 4-byte aligned (M: _rows_words' zero)
         scale = req.q_scale
         if scale is not None and scale.dim() > 1:
             args["q_scale_stride_g"] = scale.stride(1)

@@ -417,7 +417,7 @@ def _rows_words(
         if NT > 2:
             wc = tl.load(WW + 2 * TW + h)
     rstd = _rstd(_row_sum(tl.reshape(tl.join(sl, sh), (1, NG, GS)), 1), N, eps)
-    z = (M >> 31).to(tl.uint32)  # 0 (M < 2^31), a value the compiler cannot see through
+    z = (M >> 31).to(tl.uint32)  # 0 (the launcher passes M < 2^31), a value the compiler cannot see through
     row64 = row.to(tl.int64)
     _words_out(qa, wa, rstd, z, row64, g, h, 0, OUT_PTR, out_stride, QUANT_PTR, quant_stride, SCALE_PTR,
                scale_stride_m, scale_stride_g, NG, GS, GEMMA, NATIVE_CAST, FMA)  # fmt: skip
