@@ -588,7 +588,7 @@ def test_unmasked_tiles_change_no_output_bit(mode: QuantMode, cfg: tb._Config) -
     _k_out_is_the_reference(unmasked, mode, 5, 512)
 
 
-def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool, in_place: bool = False):
+def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool, in_place: bool = False, gs: int = 32):
     """An MXFP4 request on ``q`` (k 512 wide), with the unquantized y too when ``with_y`` (into q
     itself when ``in_place``)."""
     gen = torch.Generator().manual_seed(m)
@@ -597,27 +597,28 @@ def _mxfp4_words_request(m: int, q: torch.Tensor, with_y: bool, gemma: bool, in_
     return build_request(
         q=q, q_weight=(1 + 0.1 * torch.randn(n1, generator=gen)).to(DEVICE, torch.bfloat16), q_epsilon=1e-6,
         k=k, k_weight=torch.ones(512, dtype=torch.bfloat16, device=DEVICE), k_out=torch.empty_like(k),
-        mode=QuantMode.MXFP4, group_size=32, gemma_norm=gemma,
+        mode=QuantMode.MXFP4, group_size=gs, gemma_norm=gemma,
         q_out=(q if in_place else torch.empty_like(q)) if with_y else None,
         q_out_quantized=torch.empty(m, n1 // 2, dtype=torch.uint8, device=DEVICE),
-        q_out_scale=torch.empty(m, n1 // 32, dtype=torch.uint8, device=DEVICE),
+        q_out_scale=torch.empty(m, n1 // gs, dtype=torch.uint8, device=DEVICE),
     )  # fmt: skip
 
 
 _WORDS_CONFIGS = [tb._Config(1, 1, 1, k_with_q=True, unmasked=True), tb._Config(1, 4, 1, w_first=True, unmasked=True)]
 
 
+@pytest.mark.parametrize("gs", [32, 64, 128], ids=lambda g: f"gs{g}")
 @pytest.mark.parametrize("gemma", [False, True], ids=["w", "gemma"])
 @pytest.mark.parametrize("with_y", [False, True], ids=["codes", "codes+y"])
 @pytest.mark.parametrize("cfg", _WORDS_CONFIGS, ids=repr)
-def test_words_change_no_output_bit(cfg: tb._Config, with_y: bool, gemma: bool) -> None:
+def test_words_change_no_output_bit(cfg: tb._Config, with_y: bool, gemma: bool, gs: int) -> None:
     """WORDS reads bf16 MXFP4 rows (q 768 = 3 x 256 columns) as 32-bit words and reduces their
     sum of squares over the same tiles: every output of these rows is bit for bit the same
     configuration's without it (compiled, the reduction order may differ in the last bit of r
     for a few rows in thousands; not these), and the codes and scales are the reference's."""
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(5, 768, generator=gen).to(DEVICE, torch.bfloat16)
-    plain, words, expected = (_mxfp4_words_request(5, q, with_y, gemma) for _ in range(3))
+    plain, words, expected = (_mxfp4_words_request(5, q, with_y, gemma, gs=gs) for _ in range(3))
     be = TritonBackend()
     plan = be._plan(plain, plain.key())
     be._launch(plain, plan, cfg)
@@ -629,6 +630,32 @@ def test_words_change_no_output_bit(cfg: tb._Config, with_y: bool, gemma: bool) 
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
     qk_rmsnorm_reference(expected)
     assert_mxfp4_close(words.q_quant, words.q_scale, expected.q_quant, expected.q_scale)  # type: ignore[arg-type]
+
+
+def test_words_only_where_measured() -> None:
+    """The launcher reads rows as words for bf16 MXFP4 in groups of 32 without a residual, with
+    tiles covering the row, in compiled NVIDIA code (where rows go without masks); not for other
+    group sizes, fp16, a residual or padded tiles."""
+    be = TritonBackend()
+    be.available()
+    compiled = not be._interpret and torch.version.hip is None
+    gen = torch.Generator().manual_seed(14)
+
+    def words(n1: int = 1536, gs: int = 32, dt: torch.dtype = torch.bfloat16, residual: bool = False) -> bool:
+        q = torch.randn(2, n1, generator=gen).to(DEVICE, dt)
+        req = build_request(
+            q=q, q_weight=torch.ones(n1, dtype=dt, device=DEVICE), q_epsilon=1e-6, mode=QuantMode.MXFP4,
+            group_size=gs, q_residual=torch.zeros_like(q) if residual else None,
+            q_res_out=torch.empty_like(q) if residual else None,
+            q_out_quantized=torch.empty(2, n1 // 2, dtype=torch.uint8, device=DEVICE),
+            q_out_scale=torch.empty(2, n1 // gs, dtype=torch.uint8, device=DEVICE),
+        )  # fmt: skip
+        plan = be._plan(req, req.key())
+        return plan.words and tb._config(plan, tb._bucket(16384)).words
+
+    assert words() == compiled
+    assert not words(gs=64) and not words(dt=torch.float16) and not words(residual=True)
+    assert not words(n1=1472)  # 46 groups of 32: tiles padded past the row
 
 
 @pytest.mark.parametrize("cfg", _WORDS_CONFIGS, ids=repr)

@@ -237,7 +237,7 @@ class _Plan:
     k_tail: bool = False  # MXFP4 or e4m3fnuz groups in compiled NVIDIA code: k rows of the last blocks apart (_config)
     pdl: bool = False  # programmatic dependent launch on (triton_launch.set_pdl) and supported by the device
     one_row: bool = False  # M = 1 with the counts at compile time (ONE_ROW): the plain norm and MXFP4 in compiled NVIDIA code (_config)
-    words: bool = False  # bf16 MXFP4 without a residual, tiles covering the row: unmasked rows read as words (_config)
+    words: bool = False  # bf16 MXFP4 (groups of 32) without a residual, tiles covering the row: unmasked rows read as words (_config)
     configs: dict[int, _Config] = field(default_factory=dict)  # by M bucket
     launches: dict[_Config, _Launch] = field(default_factory=dict)
 
@@ -664,7 +664,7 @@ class TritonBackend:
                 mode is QuantMode.FP8_GROUP and constexprs["FP8_ENC"] == te.FP8_SOFT_FNUZ.value)),
             pdl=pdl_supported(req.device, self._interpret),
             one_row=caps and mode in (QuantMode.NONE, QuantMode.MXFP4),
-            words=bool(held[0]) and mode is QuantMode.MXFP4 and req.q_residual is None
+            words=bool(held[0]) and mode is QuantMode.MXFP4 and req.group_size == 32 and req.q_residual is None
             and req.dtype == req.q_weight.dtype == torch.bfloat16 and math.prod(tiles[False]) == n1,
         )  # fmt: skip
         self._plans[key] = plan
