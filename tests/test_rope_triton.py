@@ -12,11 +12,13 @@ scales), RoPE (full, partial, none; neox and GPT-J; fp32 and input-dtype tables)
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
 from _rope_cases import DEVICE, RopeCase, run_case, variants
 
+from qknorm.backends import registry
 from qknorm.rope import triton_launch
 from qknorm.rope.checks import plan_call
 
@@ -64,14 +66,57 @@ def test_launch_config_blocks_are_powers_of_two(t: int) -> None:
             assert n >= 1 and n & (n - 1) == 0, cfg
 
 
+def _use_rule(monkeypatch: pytest.MonkeyPatch, tile: int, ept: int, flags: triton_launch._Flags) -> None:
+    """Launch every call with one bucket; forget the launches the backends planned under the old rule."""
+    monkeypatch.setattr(triton_launch, "_BUCKETS", (triton_launch._Bucket(None, tile, ept, flags, flags),))
+    registry.reset()
+
+
 def test_many_programs_per_token_and_many_tokens_per_program(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of one token split across programs and programs spanning tokens agree with the reference,
     with the loads issued before the norm's reduction and after it."""
     for tile in (16, 256):
         for early in (True, False):
-            monkeypatch.setattr(triton_launch, "_BUCKETS", ((None, tile, 8, early),))
+            _use_rule(monkeypatch, tile, 8, triton_launch._Flags(early, early, not early))
             run_case(RopeCase(t=7, hq=6, hk=2, d=16, cache=E4M3), "triton")
             run_case(RopeCase(t=5, hq=3, hk=1, d=12, rot=8, is_neox=False, cache=BF16, gemma=True), "triton")
+
+
+FLAGS = [triton_launch._Flags(e, m, v) for e in (True, False) for m in (True, False) for v in (True, False)]
+
+
+@pytest.mark.parametrize("off32", [True, False], ids=["off32", "off64"])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: f"early={f.early_loads:d},masks={f.row_mask:d},vfirst={f.v_first:d}")
+def test_every_kernel_flag_and_offset_width(monkeypatch: pytest.MonkeyPatch, flags: triton_launch._Flags,
+                                            off32: bool) -> None:  # fmt: skip
+    """Each combination of the launch rule's flags, with offsets in 32 and in 64 bits, agrees with
+    the reference: on blocks of one token's heads (without row masks their loads and stores go
+    unpredicated) and on blocks spanning tokens; a slot of -1 leaves the cache untouched."""
+    monkeypatch.setattr(triton_launch, "_offsets_fit_int32", lambda req: off32)
+    for tile in (32, 256):
+        _use_rule(monkeypatch, tile, 4, flags)
+        run_case(RopeCase(t=7, hq=4, hk=2, d=16, cache=E4M3), "triton")
+        run_case(RopeCase(t=5, hq=4, hk=2, d=16, rot=8, is_neox=False, cache=BF16, give_k_out=True), "triton")
+
+
+def _meta(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, device="meta")
+
+
+@pytest.mark.parametrize(("attr", "tensor", "fits"), [
+    ("k_cache", _meta((2, 16, 8, 128), (2**30, 1024, 128, 1)), True),  # largest offset 2^30 + 16383
+    ("k_cache", _meta((3, 16, 8, 128), (2**30, 1024, 128, 1)), False),  # 2^31 + 16383
+    ("q", _meta((2**20, 32, 64), (2048, 64, 1)), True),  # (2^20 - 1) * 2048 + 2047 = 2^31 - 1
+    ("q", _meta((2**20 + 1, 32, 64), (2048, 64, 1)), False),  # 2^31 + 2047
+    ("cos_sin_cache", _meta((2**24, 128), (128, 1)), True),  # 2^31 - 1
+    ("cos_sin_cache", _meta((2**24 + 1, 128), (128, 1)), False),
+    ("v_cache", _meta((0, 16, 8, 128), (2**40, 1024, 128, 1)), True),  # empty: no offset at all
+])  # fmt: skip
+def test_offsets_fit_int32_checks_every_tensor(attr: str, tensor: torch.Tensor, fits: bool) -> None:
+    """32-bit offsets are used only where the largest element offset of every tensor of the call fits."""
+    req = types.SimpleNamespace(**{a: None for a in triton_launch._TENSORS.values()})
+    setattr(req, attr, tensor)
+    assert triton_launch._offsets_fit_int32(req) is fits  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("max_t", [0, 1, 40, 64, 65, 256, 300, 70000])

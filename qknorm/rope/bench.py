@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..backends import registry
 from ..backends.triton_launch import set_pdl
 from ..bench import eager_time_us, graph_time_us
 from ..bench_report import buffer_sets
@@ -201,7 +202,8 @@ def bench_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -
 
 
 def sweep_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -> list[dict[str, Any]]:
-    """qknorm's kernel at other tiles, elements per thread and load orders (same T): does the heuristic pick well?"""
+    """qknorm's kernel at other tiles, elements per thread and kernel flags (same T): does the
+    heuristic pick well? Per tile and elements per thread: the rule's flags, and each flipped."""
     probe = _Set(t, dev, gen)
     sets = rotation_sets(probe.nbytes(), l2)
     bufs = [probe] + [_Set(t, dev, gen) for _ in range(sets - 1)]
@@ -209,21 +211,25 @@ def sweep_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -
     tl_ = triton_launch
     saved = tl_._BUCKETS
     rows = []
-    decode = tl_._bucket(t)[0] is not None
-    tiles, epts = ((512, 1024), (4, 8)) if decode else ((2048, 4096), (32,))
+    bucket = tl_._bucket(t)
+    tiles, epts = ((512, 1024), (4, 8)) if bucket.max_t is not None else ((2048, 4096), (32,))
     try:
         for tile in tiles:
             for ept in epts:
-                for early in (True, False):
-                    tl_._BUCKETS = ((None, tile, ept, early),)
-                    for name in ("qknorm", "qknorm fp8"):
+                for name, rule in (("qknorm", bucket.flags), ("qknorm fp8", bucket.flags_fp8)):
+                    e, m, v = rule.early_loads, rule.row_mask, rule.v_first
+                    for flags in (rule, tl_._Flags(not e, m, v), tl_._Flags(e, not m, v), tl_._Flags(e, m, not v)):
+                        tl_._BUCKETS = (tl_._Bucket(None, tile, ept, flags, flags),)
+                        registry.reset()  # the backends' remembered launches were planned under the old rule
                         g, _, note = _time([p[name] for p in per], t, sets, eager=False)
-                        impl = f"{name} tile {tile} ept {ept} {'early' if early else 'late'}"
+                        impl = (f"{name} tile {tile} ept {ept} {'early' if flags.early_loads else 'late'}"
+                                f"{' masks' if flags.row_mask else ''}{' v-first' if flags.v_first else ''}")  # fmt: skip
                         rows.append(dict(section="sweep", t=t, impl=impl, graph_us=g, eager_us=None, sets=sets,
                                          note=note, gb_s=None))  # fmt: skip
                         print(f"sweep T={t} {impl}: {g} {note}", flush=True)
     finally:
         tl_._BUCKETS = saved
+        registry.reset()
     return rows
 
 

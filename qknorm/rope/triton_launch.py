@@ -5,18 +5,20 @@ Heuristics
 ----------
 A program owns a block of (token, head) rows of q, or of k (with their v rows and cache
 writes). Three token-count buckets (``_BUCKETS``) fix the elements a block holds, the elements
-each thread holds (which gives the warps) and the load order. Decode sizes are latency bound:
-small blocks (more programs, each a short chain) with every load before the norm's reduction
-in program order (measured faster there; ptxas still chooses the issue order, see
-``_norm_rope_rows``). Prefill sizes are bandwidth bound: fuller blocks with many elements per
-thread, and the weights, cos/sin and v rows loaded after the reduction, which keeps fewer
-registers live across it and more programs resident per SM.
+each thread holds (which gives the warps), the load order, and, per cache dtype, whether
+one-token blocks compute their row masks and whether v rows go to the cache first. Decode
+sizes are latency bound: small blocks (more programs, each a short chain) with every load
+before the norm's reduction in program order (measured faster there; ptxas still chooses the
+issue order, see ``_norm_rope_rows``). Prefill sizes are bandwidth bound: fuller blocks with
+many elements per thread, and the weights and cos/sin loaded after the reduction, which keeps
+fewer registers live across it and more programs resident per SM. Offsets are computed in 32
+bits wherever every offset of the call fits (``_offsets_fit_int32``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,11 +60,39 @@ __all__ = ["RopeTritonBackend", "launch_config"]
 # Early loads cost registers (72 against 62-64 per thread at T=16384: 7 programs per SM instead of
 # 8, 3.64 against 3.72-3.77 TB/s in Nsight Compute), so prefill loads late. At T=256 the order
 # does not move bf16 and early loads save FP8 0.3 µs.
-# Buckets: (largest T or None, elements per program, elements per thread, early loads).
-_BUCKETS: tuple[tuple[int | None, int, int, bool], ...] = (
-    (64, 512, 4, True),
-    (256, 1024, 8, True),
-    (None, 2048, 32, False),
+# Per bucket and cache dtype, three flags of the kernel (_Flags). Measured on the H200, Qwen3-8B,
+# CUDA-graph replay, µs, bf16 / FP8 cache, with 32-bit offsets (docs/benchmarks.md, section "qk_norm_rope:
+# shorter programs, v rows first"; flags (early loads, row masks, v first)):
+#   T=1    (T,T,F) 1.34-1.36 / 1.43-1.45  (T,F,F) 1.45-1.48 / 1.42-1.44  (T,T,T) 1.44-1.47 / 1.52-1.54
+#   T=64   (T,T,F) 1.70-1.71 / 1.72-1.74  (T,F,F) 1.77 / 1.77             (T,T,T) 1.73-1.75 / 1.82-1.83
+#   T=128  (T,T,F) 2.09-2.11 / 2.08-2.09  (T,T,T) 1.91-1.92 / 2.12        (T,F,T) 2.01-2.05 / 2.05
+#   T=256  (T,T,F) 2.69 / 2.44-2.45      (T,T,T) 2.35-2.36 / 2.43        (T,F,T) 2.54-2.58 / 2.40-2.41
+#   T=1024  (F,T,F) 8.85-8.87 / 9.83-9.87 (F,F,F) 8.88-8.93 / 9.28-9.30  (F,F,T) 8.32-8.39 / 9.12-9.13
+#   T=16384 (F,T,F) 105.5 / 104.2         (F,F,F) 105.5 / 101.0          (F,F,T) 104.4 / 118.2
+# Row masks of one-token blocks are always true: computing them anyway changes only ptxas's
+# schedule, and measured faster at decode sizes. v rows first send their cache stores out while
+# the k rows are still loading (-0.33 µs at T=256 with a bf16 cache); at prefill sizes with an
+# FP8 cache each warp then waits for its v rows before it asks for its k rows.
+@dataclass(frozen=True)
+class _Flags:
+    early_loads: bool  # every load before the norm's reduction in program order
+    row_mask: bool  # one-token blocks compute their row masks
+    v_first: bool  # v rows loaded and written to the cache before the norm of k
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    max_t: int | None  # largest T of the bucket (None: no limit)
+    tile: int  # elements per program
+    ept: int  # elements per thread
+    flags: _Flags  # without an FP8 cache
+    flags_fp8: _Flags  # with one
+
+
+_BUCKETS: tuple[_Bucket, ...] = (
+    _Bucket(64, 512, 4, _Flags(True, True, False), _Flags(True, True, False)),
+    _Bucket(256, 1024, 8, _Flags(True, True, True), _Flags(True, False, True)),
+    _Bucket(None, 2048, 32, _Flags(False, False, True), _Flags(False, False, False)),
 )
 _MAX_WARPS = 16
 # Programmatic dependent launch (where qknorm.set_pdl turns it on): between these token counts the
@@ -90,17 +120,22 @@ class LaunchConfig:
     num_warps: int
     early_loads: bool
     pdl: int = PDL_OFF  # programmatic dependent launch (triton_launch.PDL_*)
+    row_mask: bool = True  # one-token blocks compute their (always true) row mask (the kernel's ROW_MASK)
+    v_first: bool = False  # v rows written to the cache before the norm of k (V_FIRST)
+    off32: bool = False  # every element offset of the call fits in int32 (OFF32; set per call, launch_args)
 
 
-def _bucket(t: int) -> tuple[int | None, int, int, bool]:
-    return next(b for b in _BUCKETS if b[0] is None or t <= b[0])
+def _bucket(t: int) -> _Bucket:
+    return next(b for b in _BUCKETS if b.max_t is None or t <= b.max_t)
 
 
 def launch_config(plan: RopePlan, t: int, pdl: bool = False) -> LaunchConfig:
-    """Rows per program, warps and load order for ``t`` tokens (a shape-only rule, no autotuning);
-    with ``pdl``, how the programs take part in programmatic dependent launch."""
+    """Rows per program, warps, load order and the kernel's flags for ``t`` tokens (a shape-only
+    rule, no autotuning); with ``pdl``, how the programs take part in programmatic dependent launch."""
     width = _padded_width(plan)
-    _, tile, ept, early = _bucket(t)
+    bucket = _bucket(t)
+    tile, ept = bucket.tile, bucket.ept
+    flags = bucket.flags_fp8 if plan.cache_fp8 else bucket.flags
     rows = 1 << (max(1, tile // width).bit_length() - 1)  # a power of two (tl.arange)
     rows_q = min(rows, _next_pow2(t * plan.hq))
     rows_k = min(rows, _next_pow2(t * plan.hk))
@@ -109,7 +144,7 @@ def launch_config(plan: RopePlan, t: int, pdl: bool = False) -> LaunchConfig:
     if pdl:
         lo, hi = _PDL_WAIT_T_FP8 if plan.cache_fp8 else _PDL_WAIT_T
         mode = PDL_WAIT if lo < t <= hi else PDL_TRIGGER
-    return LaunchConfig(rows_q, rows_k, _next_pow2(warps), early, mode)
+    return LaunchConfig(rows_q, rows_k, _next_pow2(warps), flags.early_loads, mode, flags.row_mask, flags.v_first)
 
 
 def _padded_width(plan: RopePlan) -> int:
@@ -120,6 +155,17 @@ def _padded_width(plan: RopePlan) -> int:
 def _half_pass(plan: RopePlan) -> tuple[int, int]:
     """(HALF_P, PASS_P): padded widths of the pair tiles and of the pass-through tile (each >= 1)."""
     return _next_pow2(max(1, plan.rot // 2)), _next_pow2(max(1, plan.d - plan.rot))
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset of ``t`` from its first element (0 when empty)."""
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _offsets_fit_int32(req: RopeRequest) -> bool:
+    """Whether every element offset the kernel computes for ``req`` fits in int32: each is at most
+    its tensor's largest offset (a position or slot outside its range is replaced by 0)."""
+    return all(_max_offset(t) < 2**31 for t in (getattr(req, a) for a in _TENSORS.values()) if t is not None)
 
 
 def _stride(t: torch.Tensor | None, dim: int) -> int:
@@ -230,6 +276,8 @@ class RopeTritonBackend:
             known = self._constexprs[key] = (self._compile_args(plan), pdl_supported(plan.device, self._interpret))
         constexprs, pdl = known
         cfg = launch_config(plan, plan.t, pdl)
+        if _offsets_fit_int32(req):
+            cfg = replace(cfg, off32=True)
         q_programs = -(-plan.t * plan.hq // cfg.rows_q)
         k_programs = -(-plan.t * plan.hk // cfg.rows_k)
         q, k, v, kc, vc, ko, table = req.q, req.k, req.v, req.k_cache, req.v_cache, req.k_out, req.cos_sin_cache
@@ -250,7 +298,8 @@ class RopeTritonBackend:
             T=plan.t, q_eps=plan.q_eps, k_eps=plan.k_eps, k_programs=k_programs,
         )  # fmt: skip
         meta = {"ROWS_Q": cfg.rows_q, "ROWS_K": cfg.rows_k, "EARLY_LOADS": cfg.early_loads,
-                "ONE_Q": plan.hq % cfg.rows_q == 0, "ONE_K": plan.hk % cfg.rows_k == 0, "PDL": cfg.pdl}  # fmt: skip
+                "ONE_Q": plan.hq % cfg.rows_q == 0, "ONE_K": plan.hk % cfg.rows_k == 0, "PDL": cfg.pdl,
+                "ROW_MASK": cfg.row_mask, "OFF32": cfg.off32, "V_FIRST": cfg.v_first and plan.has_cache}  # fmt: skip
         return q_programs + k_programs, cfg, args, {**constexprs, **meta}
 
     def _launch(self, req: RopeRequest) -> None:
