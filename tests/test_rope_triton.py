@@ -128,3 +128,23 @@ def test_warmup_sizes_cover_every_bucket(max_t: int) -> None:
     for t in (1, 2, 63, 64, 65, 255, 256, 257, 1000, 70000):
         if t <= max_t:
             assert triton_launch._bucket(t) in warmed, (t, sizes)
+
+
+@pytest.mark.parametrize("cache", [BF16, E4M3])
+def test_qwen3_launch_flags_are_the_measured_ones(cache: torch.dtype) -> None:
+    """The launch rule picks, per token count and cache dtype, the flags measured fastest on the
+    H200 (qknorm/rope/triton_launch.py): row masks at decode sizes, v rows first from 65 tokens
+    (with an FP8 cache only up to 1024), loads after the reduction from 257 tokens."""
+    q, k, v = (torch.empty(2, n, 128, dtype=BF16) for n in (32, 8, 8))
+    plan = plan_call(q, k, None, None, torch.empty(64, 128), torch.zeros(2, dtype=torch.int64), v=v,
+                     k_cache=torch.empty(4, 16, 8, 128, dtype=cache), v_cache=torch.empty(4, 16, 8, 128, dtype=cache),
+                     slot_mapping=torch.arange(2), **({"k_scale": torch.ones(1), "v_scale": torch.ones(1)} if cache == E4M3 else {}))  # fmt: skip
+    got = {t: (c.early_loads, c.row_mask, c.v_first) for t in (1, 64, 65, 256, 257, 1024, 1025, 65536)
+           for c in [triton_launch.launch_config(plan, t)]}  # fmt: skip
+    fp8 = cache == E4M3
+    assert got == {
+        1: (True, True, False), 64: (True, True, False),
+        65: (True, not fp8, True), 256: (True, not fp8, True),
+        257: (False, False, True), 1024: (False, False, True),
+        1025: (False, False, not fp8), 65536: (False, False, not fp8),
+    }  # fmt: skip

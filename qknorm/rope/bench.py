@@ -212,7 +212,7 @@ def sweep_t(c: _Ctx, t: int, dev: torch.device, gen: torch.Generator, l2: int) -
     saved = tl_._BUCKETS
     rows = []
     bucket = tl_._bucket(t)
-    tiles, epts = ((512, 1024), (4, 8)) if bucket.max_t is not None else ((2048, 4096), (32,))
+    tiles, epts = ((512, 1024), (4, 8)) if bucket.ept < 32 else ((2048, 4096), (32,))
     try:
         for tile in tiles:
             for ept in epts:

@@ -4,7 +4,7 @@
 Heuristics
 ----------
 A program owns a block of (token, head) rows of q, or of k (with their v rows and cache
-writes). Three token-count buckets (``_BUCKETS``) fix the elements a block holds, the elements
+writes). Four token-count buckets (``_BUCKETS``) fix the elements a block holds, the elements
 each thread holds (which gives the warps), the load order, and, per cache dtype, whether
 one-token blocks compute their row masks and whether v rows go to the cache first. Decode
 sizes are latency bound: small blocks (more programs, each a short chain) with every load
@@ -67,12 +67,16 @@ __all__ = ["RopeTritonBackend", "launch_config"]
 #   T=64   (T,T,F) 1.70-1.71 / 1.72-1.74  (T,F,F) 1.77 / 1.77             (T,T,T) 1.73-1.75 / 1.82-1.83
 #   T=128  (T,T,F) 2.09-2.11 / 2.08-2.09  (T,T,T) 1.91-1.92 / 2.12        (T,F,T) 2.01-2.05 / 2.05
 #   T=256  (T,T,F) 2.69 / 2.44-2.45      (T,T,T) 2.35-2.36 / 2.43        (T,F,T) 2.54-2.58 / 2.40-2.41
-#   T=1024  (F,T,F) 8.85-8.87 / 9.83-9.87 (F,F,F) 8.88-8.93 / 9.28-9.30  (F,F,T) 8.32-8.39 / 9.12-9.13
+#   T=512   (F,F,F) 6.17-6.26 / 6.38-6.49 (F,F,T) 5.86-5.94 / 6.15-6.21  (F,T,T) 5.86-5.92 / 6.19-6.28
+#   T=1024  (F,T,F) 8.85-8.87 / 9.83-9.87 (F,F,F) 8.88-8.93 / 9.27-9.30  (F,F,T) 8.32-8.39 / 9.10-9.13
+#   T=2048  (F,F,F) 15.11-15.18 / 15.04-15.06  (F,F,T) 14.61 / 15.22-15.24  (T,F,T) 14.61-14.62 / 15.18-15.20
+#   T=4096  (F,F,F) 28.17-28.18 / 27.03  (F,F,T) 27.52 / 28.94-28.96
+#   T=8192  (F,F,F) 54.24-54.35 / 52.08-52.09  (F,F,T) 53.47-53.49 / 59.33-59.34
 #   T=16384 (F,T,F) 105.5 / 104.2         (F,F,F) 105.5 / 101.0          (F,F,T) 104.4 / 118.2
 # Row masks of one-token blocks are always true: computing them anyway changes only ptxas's
 # schedule, and measured faster at decode sizes. v rows first send their cache stores out while
-# the k rows are still loading (-0.33 µs at T=256 with a bf16 cache); at prefill sizes with an
-# FP8 cache each warp then waits for its v rows before it asks for its k rows.
+# the k rows are still loading (-0.33 µs at T=256 with a bf16 cache); with an FP8 cache they
+# measured slower from T=2048 on, where a warp also converts its v rows before its k rows are read.
 @dataclass(frozen=True)
 class _Flags:
     early_loads: bool  # every load before the norm's reduction in program order
@@ -92,6 +96,7 @@ class _Bucket:
 _BUCKETS: tuple[_Bucket, ...] = (
     _Bucket(64, 512, 4, _Flags(True, True, False), _Flags(True, True, False)),
     _Bucket(256, 1024, 8, _Flags(True, True, True), _Flags(True, False, True)),
+    _Bucket(1024, 2048, 32, _Flags(False, False, True), _Flags(False, False, True)),
     _Bucket(None, 2048, 32, _Flags(False, False, True), _Flags(False, False, False)),
 )
 _MAX_WARPS = 16
