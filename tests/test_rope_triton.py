@@ -114,9 +114,11 @@ def _meta(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
 ])  # fmt: skip
 def test_offsets_fit_int32_checks_every_tensor(attr: str, tensor: torch.Tensor, fits: bool) -> None:
     """32-bit offsets are used only where the largest element offset of every tensor of the call fits."""
-    req = types.SimpleNamespace(**{a: None for a in triton_launch._TENSORS.values()})
+    req = types.SimpleNamespace(**{a: None for a in triton_launch._TENSORS.values()}, plan=types.SimpleNamespace(num_slots=64))
     setattr(req, attr, tensor)
     assert triton_launch._offsets_fit_int32(req) is fits  # type: ignore[arg-type]
+    req.plan.num_slots = 2**31  # a slot is split in 32 bits only below 2^31
+    assert triton_launch._offsets_fit_int32(req) is False  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("max_t", [0, 1, 40, 64, 65, 256, 300, 70000])

@@ -169,7 +169,10 @@ def _max_offset(t: torch.Tensor) -> int:
 
 def _offsets_fit_int32(req: RopeRequest) -> bool:
     """Whether every element offset the kernel computes for ``req`` fits in int32: each is at most
-    its tensor's largest offset (a position or slot outside its range is replaced by 0)."""
+    its tensor's largest offset (a position or slot outside its range is replaced by 0), and a
+    valid slot, split in 32 bits, is below ``num_slots``."""
+    if req.plan.num_slots >= 2**31:
+        return False
     return all(_max_offset(t) < 2**31 for t in (getattr(req, a) for a in _TENSORS.values()) if t is not None)
 
 
