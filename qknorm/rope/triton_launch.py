@@ -162,18 +162,28 @@ def _half_pass(plan: RopePlan) -> tuple[int, int]:
     return _next_pow2(max(1, plan.rot // 2)), _next_pow2(max(1, plan.d - plan.rot))
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    """The largest element offset of ``t`` from its first element (0 when empty)."""
-    return sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+def _max_offset(t: torch.Tensor, first_dim: int = 0) -> int:
+    """The largest element offset of ``t`` from its first element over dims ``first_dim`` on (0 when empty)."""
+    if not t.numel():
+        return 0
+    return sum((n - 1) * st for n, st in zip(t.shape[first_dim:], t.stride()[first_dim:]))
+
+
+# What the kernel offsets in 32 bits with OFF32: rows of these tensors, and rows within a cache block.
+# Table rows and cache blocks always get 64-bit offsets: they depend on the table's and the cache's
+# sizes, which warm-up cannot know, and the compiled variant must be the one it warmed.
+_ROW_TENSORS = ("q", "k", "v", "q_out", "k_out")
+_CACHES = ("k_cache", "v_cache")
 
 
 def _offsets_fit_int32(req: RopeRequest) -> bool:
-    """Whether every element offset the kernel computes for ``req`` fits in int32: each is at most
-    its tensor's largest offset (a position or slot outside its range is replaced by 0), and a
-    valid slot, split in 32 bits, is below ``num_slots``."""
-    if req.plan.num_slots >= 2**31:
-        return False
-    return all(_max_offset(t) < 2**31 for t in (getattr(req, a) for a in _TENSORS.values()) if t is not None)
+    """Whether the offsets the kernel computes in 32 bits with ``OFF32`` all fit in int32 for ``req``:
+    each is at most its tensor's largest offset (its cache block's, for a cache)."""
+    rows = (getattr(req, a) for a in _ROW_TENSORS)
+    blocks = (getattr(req, a) for a in _CACHES)
+    return all(_max_offset(t) < 2**31 for t in rows if t is not None) and all(
+        _max_offset(t, 1) < 2**31 for t in blocks if t is not None
+    )
 
 
 def _stride(t: torch.Tensor | None, dim: int) -> int:
