@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import types
+from typing import Any
 
 import pytest
 import torch
 from _rope_cases import DEVICE, RopeCase, run_case, variants
 
+import qknorm
 from qknorm.backends import registry
 from qknorm.rope import triton_launch
 from qknorm.rope.checks import plan_call
@@ -104,21 +106,32 @@ def _meta(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("attr", "tensor", "fits"), [
+    ("k_cache", _meta((2, 16, 8, 128), (2**30, 1024, 128, 1)), True),  # largest offset 2^30 + 16383
+    ("k_cache", _meta((3, 16, 8, 128), (2**30, 1024, 128, 1)), False),  # 2^31 + 16383
     ("q", _meta((2**20, 32, 64), (2048, 64, 1)), True),  # (2^20 - 1) * 2048 + 2047 = 2^31 - 1
     ("q", _meta((2**20 + 1, 32, 64), (2048, 64, 1)), False),  # 2^31 + 2047
-    ("k_out", _meta((2**21 + 1, 8, 128), (1024, 128, 1)), False),  # 2^31 + 1023
-    ("v", _meta((0, 8, 128), (2**40, 128, 1)), True),  # empty: no offset at all
-    ("k_cache", _meta((2**20, 16, 8, 128), (16384, 1024, 128, 1)), True),  # blocks: 64-bit offsets anyway
-    ("v_cache", _meta((4, 16, 8, 128), (2**32, 2**28, 128, 1)), False),  # 15 * 2^28 + ... within a block
-    ("cos_sin_cache", _meta((2**25, 128), (128, 1)), True),  # table rows: 64-bit offsets anyway
+    ("cos_sin_cache", _meta((2**24, 128), (128, 1)), True),  # 2^31 - 1
+    ("cos_sin_cache", _meta((2**24 + 1, 128), (128, 1)), False),
+    ("v_cache", _meta((0, 16, 8, 128), (2**40, 1024, 128, 1)), True),  # empty: no offset at all
 ])  # fmt: skip
-def test_offsets_fit_int32_checks_rows_and_cache_blocks(attr: str, tensor: torch.Tensor, fits: bool) -> None:
-    """32-bit offsets are used only where every row offset (and every offset within a cache block)
-    fits; the number of table rows and cache blocks does not matter (their offsets are 64-bit), so
-    warm-up compiles the variant the engine's calls use."""
-    req = types.SimpleNamespace(**{a: None for a in triton_launch._TENSORS.values()})
+def test_offsets_fit_int32_checks_every_tensor(attr: str, tensor: torch.Tensor, fits: bool) -> None:
+    """32-bit offsets are used only where the largest element offset of every tensor of the call fits."""
+    req = types.SimpleNamespace(**{a: None for a in triton_launch._TENSORS.values()}, plan=types.SimpleNamespace(num_slots=64))
     setattr(req, attr, tensor)
     assert triton_launch._offsets_fit_int32(req) is fits  # type: ignore[arg-type]
+    req.plan.num_slots = 2**31  # a slot is split in 32 bits only below 2^31
+    assert triton_launch._offsets_fit_int32(req) is False  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_t", [0, 1, 40, 64, 65, 256, 300, 70000])
+def test_warmup_sizes_cover_every_bucket(max_t: int) -> None:
+    """Every bucket that a call of at most max_t tokens falls in has a warmup size (CUDA-graph capture needs it)."""
+    sizes = triton_launch.RopeTritonBackend().warmup_sizes(max_t)
+    assert all(1 <= t <= max_t for t in sizes)
+    warmed = {triton_launch._bucket(t) for t in sizes}
+    for t in (1, 2, 63, 64, 65, 255, 256, 257, 1000, 70000):
+        if t <= max_t:
+            assert triton_launch._bucket(t) in warmed, (t, sizes)
 
 
 @pytest.mark.parametrize("cache", [BF16, E4M3])
@@ -139,3 +152,23 @@ def test_qwen3_launch_flags_are_the_measured_ones(cache: torch.dtype) -> None:
         257: (False, False, True), 1024: (False, False, True),
         1025: (False, False, not fp8), 65536: (False, False, not fp8),
     }  # fmt: skip
+
+
+def test_warmup_compiles_the_64_bit_offset_variants_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up's tensors are small, so its calls take 32-bit offsets; a call whose table or cache
+    holds 2^31 elements or more takes the 64-bit variant, which warm-up must compile as well
+    (it cannot know the engine's sizes): it launches every warmed size both ways."""
+    seen: list[tuple[int, bool]] = []
+    launch_args = triton_launch.RopeTritonBackend.launch_args
+
+    def spy(self: triton_launch.RopeTritonBackend, req: Any) -> Any:
+        grid, cfg, args, constexprs = launch_args(self, req)
+        seen.append((req.plan.t, constexprs["OFF32"]))
+        return grid, cfg, args, constexprs
+
+    monkeypatch.setattr(triton_launch.RopeTritonBackend, "launch_args", spy)
+    monkeypatch.setenv("QKNORM_BACKEND", "triton")
+    registry.reset()
+    record = qknorm.warmup_qk_norm_rope(4, 2, 16, max_tokens=5, device=DEVICE, cache_dtype=BF16)
+    assert record.backend == "triton"
+    assert set(seen) == {(t, off32) for t in record.sizes for off32 in (True, False)}

@@ -24,11 +24,9 @@ encoders are the first operator's (exact software paths where the target has no 
 
 Index safety (§3 rule 6): a position outside ``[0, max_pos)`` loads no table row and rotates
 by zero (cos 1, sin 0); a slot outside ``[0, num_slots)`` writes no cache entry. Every
-address is a 64-bit pointer. The offsets of a table row and of a cache block are int64; those of
-a row of q, k, v and the outputs, and of a row within a cache block, are int64 or, where the
-launcher has checked that they all fit (``OFF32``), int32: 32-bit multiplies and adds and one
-sign-extending add to the pointer. Neither depends on the table's or the cache's size, which
-warm-up cannot know.
+address is a 64-bit pointer; element offsets are int64, or int32 (``OFF32``) where the launcher
+has checked that the largest offset of every tensor of the call fits (fewer instructions: 32-bit
+multiplies and adds, a sign-extending add to the pointer).
 """
 
 from __future__ import annotations
@@ -67,23 +65,25 @@ def _load_w(W_PTR, idx, mask, GEMMA: tl.constexpr):
 
 
 @triton.jit
-def _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT: tl.constexpr, ONE: tl.constexpr):
-    """Offsets ``[R, 1]`` (int64) of each row's table row and whether its position is valid
-    (scalars when the block is one token's, ``ONE``).
+def _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT: tl.constexpr, ONE: tl.constexpr,
+                OFF32: tl.constexpr):  # fmt: skip
+    """Offsets ``[R, 1]`` of each row's table row and whether its position is valid (scalars
+    when the block is one token's, ``ONE``); int32 with ``OFF32``, else int64.
 
     Issued first in every program: the cos/sin loads wait for it (two dependent round trips).
     """
+    ity: tl.constexpr = tl.int32 if OFF32 else tl.int64
     if ROT > 0:
         if ONE:
             p = tl.load(POS_PTR + t).to(tl.int64)
             p_ok = (p >= 0) & (p < max_pos)
-            return tl.where(p_ok, p, 0) * cos_sin_stride, p_ok
+            return tl.where(p_ok, p, 0).to(ity) * cos_sin_stride, p_ok
         else:
             p = tl.load(POS_PTR + t, mask=rmask, other=0).to(tl.int64)
             p_ok = (p >= 0) & (p < max_pos)
-            return tl.where(p_ok, p, 0)[:, None] * cos_sin_stride, p_ok[:, None]
+            return tl.where(p_ok, p, 0).to(ity)[:, None] * cos_sin_stride, p_ok[:, None]
     else:
-        return (rmask * 0).to(tl.int64)[:, None], rmask[:, None] & False
+        return (rmask * 0).to(ity)[:, None], rmask[:, None] & False
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _block_rows(pid, T, H: tl.constexpr, ROWS: tl.constexpr, ONE: tl.constexpr, 
 @triton.jit
 def _row_offsets(t, h, stride_t, stride_h, ONE: tl.constexpr, OFF32: tl.constexpr):
     """``[R, 1]`` offsets ``t * stride_t + h * stride_h`` (``t`` a scalar with ``ONE``), int64, or
-    int32 with ``OFF32`` (the launcher's promise that every such offset of the call fits)."""
+    int32 with ``OFF32`` (the launcher's promise that every offset of the call fits)."""
     ity: tl.constexpr = tl.int32 if OFF32 else tl.int64
     if ONE:
         return t.to(ity) * stride_t + h.to(ity)[:, None] * stride_h
@@ -181,8 +181,8 @@ def _norm_rope_rows(
         x2 = to_f32(tl.load(X_PTR + base + i2, mask=m1, other=0.0))
     if EARLY_LOADS:
         wp, w1, w2, c, s = _weights_and_table(W_PTR, COS_SIN_PTR, row, p_ok, half, i1, i2, j, m1, mp, zero, ROT, GEMMA)
-    # Without pass-through channels (R = D) the pass tile is all masked: left out of the sum, as
-    # adding its zero is an instruction the compiler may not drop (0.0 + -0.0 is +0.0).
+    # Without pass-through channels (R = D) the pass tile is all masked: left out of the sum, which
+    # would otherwise start from a 0 + the compiler may not fold (-0.0 + 0 is +0).
     if ROT == 0:
         sumsq = tl.sum(xp * xp, axis=1)
     elif ROT == D:
@@ -251,7 +251,7 @@ def _q_program(
 ):  # fmt: skip
     """One block of ROWS q rows: norm, RoPE, store (FP8 with the scale read from SCALE_PTR)."""
     t, h, rmask = _block_rows(pid, T, H, ROWS, ONE, ROW_MASK)
-    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE)
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE, OFF32)
     scale = 1.0
     if FP8:
         scale = tl.load(SCALE_PTR + tl.zeros((1, 1), tl.int32))
@@ -264,35 +264,14 @@ def _q_program(
 
 
 @triton.jit
-def _cache_rows(slot, rmask, num_slots, BLOCK_SIZE: tl.constexpr):
-    """``(blk, off, ok)``: each row's cache block (int64) and offset in it, and whether its slot
-    is in ``[0, num_slots)`` (``[R, 1]``). A slot outside it is replaced by 0 (an in-bounds
-    address; the stores are masked off by ``ok``); the split is unsigned (no sign fixes)."""
-    valid = (slot >= 0) & (slot < num_slots)  # [R], or a scalar with ONE
-    su = tl.where(valid, slot, 0).to(tl.uint64)
-    return (su // BLOCK_SIZE).to(tl.int64), (su % BLOCK_SIZE).to(tl.int32), (rmask & valid)[:, None]
-
-
-@triton.jit
-def _cache_offsets(blk, off, h, stride_b, stride_s, stride_h, ONE: tl.constexpr, OFF32: tl.constexpr):
-    """``[R, 1]`` offsets of each row's cache entry: its block's in int64 (a cache may hold 2^31
-    elements or more), the rest within the block (int32 with ``OFF32``)."""
-    if ONE:
-        return blk * stride_b + _row_offsets(off, h, stride_s, stride_h, ONE, OFF32)
-    else:
-        return (blk * stride_b)[:, None] + _row_offsets(off, h, stride_s, stride_h, ONE, OFF32)
-
-
-@triton.jit
-def _store_v(V_CACHE_PTR, blk, off, h, vc_stride_b, vc_stride_s, vc_stride_h, x, vs, vmask, dv,
-             ONE: tl.constexpr, OFF32: tl.constexpr, C_FP8: tl.constexpr, C_FMAX: tl.constexpr,
-             C_FNUZ: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr):  # fmt: skip
-    """v's rows into the cache: a copy, or FP8 of ``f(x) / scale``."""
-    vbase = _cache_offsets(blk, off, h, vc_stride_b, vc_stride_s, vc_stride_h, ONE, OFF32)
-    if C_FP8:
-        tl.store(V_CACHE_PTR + vbase + dv, _fp8(to_f32(x), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
-    else:
-        tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
+def _cache_rows(slot, rmask, num_slots, BLOCK_SIZE: tl.constexpr, ONE: tl.constexpr, OFF32: tl.constexpr):
+    """``(blk, off, ok)``: each row's cache block and offset in it, and whether its slot is in
+    ``[0, num_slots)`` (``[R, 1]``). A slot outside it is replaced by 0 (an in-bounds address;
+    the stores are masked off by ``ok``)."""
+    ok = rmask & (slot >= 0) & (slot < num_slots)  # [R] (with ONE: the scalar broadcast)
+    su = tl.where((slot >= 0) & (slot < num_slots), slot, 0).to(tl.uint32 if OFF32 else tl.uint64)
+    ity: tl.constexpr = tl.int32 if OFF32 else tl.int64
+    return (su // BLOCK_SIZE).to(ity), (su % BLOCK_SIZE).to(ity), ok[:, None]
 
 
 @triton.jit
@@ -316,7 +295,7 @@ def _k_program(
     before the norm, so that their stores leave while the k rows are still on their way.
     """
     t, h, rmask = _block_rows(kp, T, H, ROWS, ONE, ROW_MASK)
-    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE)
+    row, p_ok = _table_rows(POS_PTR, t, rmask, max_pos, cos_sin_stride, ROT, ONE, OFF32)
     if K_CACHE_PTR is not None:
         if ONE:
             slot = tl.load(SLOT_PTR + t).to(tl.int64)
@@ -331,7 +310,7 @@ def _k_program(
             x = tl.load(V_PTR + _row_offsets(t, h, v_stride_t, v_stride_h, ONE, OFF32) + dv,
                         mask=rmask[:, None] & (dv < DV))  # fmt: skip
         if V_FIRST:
-            blk, off, ok2 = _cache_rows(slot, rmask, num_slots, BLOCK_SIZE)
+            blk, off, ok2 = _cache_rows(slot, rmask, num_slots, BLOCK_SIZE, ONE, OFF32)
             _store_v(V_CACHE_PTR, blk, off, h, vc_stride_b, vc_stride_s, vc_stride_h, x, vs, ok2 & (dv < DV), dv,
                      ONE, OFF32, C_FP8, C_FMAX, C_FNUZ, NATIVE_FP8, FMA)  # fmt: skip
     z1, z2, zp, i1, i2, j, m1, mp = _norm_rope_rows(
@@ -344,8 +323,8 @@ def _k_program(
                     ROT, False, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
     if K_CACHE_PTR is not None:
         if not V_FIRST:
-            blk, off, ok2 = _cache_rows(slot, rmask, num_slots, BLOCK_SIZE)
-        cbase = _cache_offsets(blk, off, h, kc_stride_b, kc_stride_s, kc_stride_h, ONE, OFF32)
+            blk, off, ok2 = _cache_rows(slot, rmask, num_slots, BLOCK_SIZE, ONE, OFF32)
+        cbase = _row_offsets(blk * kc_stride_b + off * kc_stride_s, h, 1, kc_stride_h, ONE, OFF32)
         _store_rows(K_CACHE_PTR, cbase, z1, z2, zp, i1, i2, j, m1 & ok2, mp & ok2, ks,
                     ROT, C_FP8, C_FMAX, C_FNUZ, NATIVE, NATIVE_FP8, FMA)  # fmt: skip
         if not V_FIRST:
@@ -354,6 +333,18 @@ def _k_program(
                 x = tl.load(V_PTR + _row_offsets(t, h, v_stride_t, v_stride_h, ONE, OFF32) + dv, mask=vmask)
             _store_v(V_CACHE_PTR, blk, off, h, vc_stride_b, vc_stride_s, vc_stride_h, x, vs, vmask, dv,
                      ONE, OFF32, C_FP8, C_FMAX, C_FNUZ, NATIVE_FP8, FMA)  # fmt: skip
+
+
+@triton.jit
+def _store_v(V_CACHE_PTR, blk, off, h, vc_stride_b, vc_stride_s, vc_stride_h, x, vs, vmask, dv,
+             ONE: tl.constexpr, OFF32: tl.constexpr, C_FP8: tl.constexpr, C_FMAX: tl.constexpr,
+             C_FNUZ: tl.constexpr, NATIVE_FP8: tl.constexpr, FMA: tl.constexpr):  # fmt: skip
+    """v's rows into the cache: a copy, or FP8 of ``f(x) / scale``."""
+    vbase = _row_offsets(blk * vc_stride_b + off * vc_stride_s, h, 1, vc_stride_h, ONE, OFF32)
+    if C_FP8:
+        tl.store(V_CACHE_PTR + vbase + dv, _fp8(to_f32(x), vs, C_FMAX, C_FNUZ, NATIVE_FP8, FMA), mask=vmask)
+    else:
+        tl.store(V_CACHE_PTR + vbase + dv, x, mask=vmask)
 
 
 @triton.jit(do_not_specialize=["T", "k_programs", "max_pos", "num_slots"])
@@ -380,7 +371,7 @@ def _qk_norm_rope_kernel(
     ONE_Q: tl.constexpr, ONE_K: tl.constexpr,  # ROWS_Q divides HQ (ROWS_K divides HK): a block is one token's
     EARLY_LOADS: tl.constexpr,  # every load before the norm's reduction (decode) or after it where it can wait
     ROW_MASK: tl.constexpr,  # one-token blocks compute their (always true) row mask anyway
-    OFF32: tl.constexpr,  # row offsets (of q, k, v, outputs; within a cache block) fit in int32
+    OFF32: tl.constexpr,  # every element offset of the call fits in int32: offsets computed in 32 bits
     V_FIRST: tl.constexpr,  # v rows loaded and written to the cache before the norm of k
     IS_NEOX: tl.constexpr, GEMMA: tl.constexpr,
     Q_FP8: tl.constexpr, Q_FMAX: tl.constexpr, Q_FNUZ: tl.constexpr,  # FP8 q

@@ -17,7 +17,8 @@ bits wherever every offset of the call fits (``_offsets_fit_int32``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -162,28 +163,18 @@ def _half_pass(plan: RopePlan) -> tuple[int, int]:
     return _next_pow2(max(1, plan.rot // 2)), _next_pow2(max(1, plan.d - plan.rot))
 
 
-def _max_offset(t: torch.Tensor, first_dim: int = 0) -> int:
-    """The largest element offset of ``t`` from its first element over dims ``first_dim`` on (0 when empty)."""
-    if not t.numel():
-        return 0
-    return sum((n - 1) * st for n, st in zip(t.shape[first_dim:], t.stride()[first_dim:]))
-
-
-# What the kernel offsets in 32 bits with OFF32: rows of these tensors, and rows within a cache block.
-# Table rows and cache blocks always get 64-bit offsets: they depend on the table's and the cache's
-# sizes, which warm-up cannot know, and the compiled variant must be the one it warmed.
-_ROW_TENSORS = ("q", "k", "v", "q_out", "k_out")
-_CACHES = ("k_cache", "v_cache")
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset of ``t`` from its first element (0 when empty)."""
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def _offsets_fit_int32(req: RopeRequest) -> bool:
-    """Whether the offsets the kernel computes in 32 bits with ``OFF32`` all fit in int32 for ``req``:
-    each is at most its tensor's largest offset (its cache block's, for a cache)."""
-    rows = (getattr(req, a) for a in _ROW_TENSORS)
-    blocks = (getattr(req, a) for a in _CACHES)
-    return all(_max_offset(t) < 2**31 for t in rows if t is not None) and all(
-        _max_offset(t, 1) < 2**31 for t in blocks if t is not None
-    )
+    """Whether every element offset the kernel computes for ``req`` fits in int32: each is at most
+    its tensor's largest offset (a position or slot outside its range is replaced by 0), and a
+    valid slot, split in 32 bits, is below ``num_slots``."""
+    if req.plan.num_slots >= 2**31:
+        return False
+    return all(_max_offset(t) < 2**31 for t in (getattr(req, a) for a in _TENSORS.values()) if t is not None)
 
 
 def _stride(t: torch.Tensor | None, dim: int) -> int:
@@ -211,6 +202,7 @@ class RopeTritonBackend:
         self._params: list[str] = []
         self._stream: Any = None
         self._hooks: Any = None
+        self._off64 = False  # inside offsets_64_bit()
 
     def available(self) -> tuple[bool, str]:
         return availability(self._loaded)
@@ -268,8 +260,20 @@ class RopeTritonBackend:
             NATIVE=native, NATIVE_FP8=native_fp8, FMA=not self._interpret,
         )  # fmt: skip
 
+    @contextmanager
+    def offsets_64_bit(self) -> Iterator[None]:
+        """Calls made inside launch the kernel with 64-bit offsets whatever their tensors' sizes,
+        and leave no launch behind for later calls to repeat. Warm-up compiles that variant this
+        way: it is what a call takes whose table or cache holds 2^31 elements or more (warm-up's
+        own are small)."""
+        self._off64 = True
+        try:
+            yield
+        finally:
+            self._off64 = False
+
     def run(self, req: RopeRequest) -> None:
-        if self._planned.launch(req, self._stream, self._hooks):
+        if not self._off64 and self._planned.launch(req, self._stream, self._hooks):
             return
         plan = req.plan
         if plan.t == 0:
@@ -294,7 +298,7 @@ class RopeTritonBackend:
             known = self._constexprs[key] = (self._compile_args(plan), pdl_supported(plan.device, self._interpret))
         constexprs, pdl = known
         cfg = launch_config(plan, plan.t, pdl)
-        if _offsets_fit_int32(req):
+        if not self._off64 and _offsets_fit_int32(req):
             cfg = replace(cfg, off32=True)
         q_programs = -(-plan.t * plan.hq // cfg.rows_q)
         k_programs = -(-plan.t * plan.hk // cfg.rows_k)
@@ -323,7 +327,7 @@ class RopeTritonBackend:
     def _launch(self, req: RopeRequest) -> None:
         grid, cfg, args, constexprs = self.launch_args(req)
         tensors = [a for a in args.values() if isinstance(a, torch.Tensor)]
-        aligned = self._fast_ok and not any(t.data_ptr() & 15 for t in tensors)
+        aligned = self._fast_ok and not self._off64 and not any(t.data_ptr() & 15 for t in tensors)
         fast_key = (req.plan.key(), cfg, *(v for n, v in args.items() if n not in _UNSPECIALIZED and type(v) is int))
         if aligned and not (self._hooks.launch_enter_hook.calls or self._hooks.launch_exit_hook.calls):
             direct = self._direct.get(fast_key)

@@ -45,7 +45,10 @@ def warmup_qk_norm_rope(
     max_tokens : int
         The largest T that will be captured or run.
     max_position : int
-        Rows of the table used for warming (the row count does not change the compiled code).
+        Rows of the table used for warming. The Triton kernel computes offsets in 32 bits where
+        every offset of a call fits; warm-up also compiles the 64-bit variants, which calls with a
+        table or cache of 2^31 elements or more take, so the sizes of the engine's table and cache
+        need not be known here.
     is_neox, gemma_norm, weightless
         As the calls will pass them (``weightless``: weights None).
     packed : bool
@@ -108,6 +111,12 @@ def warmup_qk_norm_rope(
     sizes = sorted({1, *(min(max(int(t), 1), max_tokens) for t in wanted)})
     for t in sizes[1:]:
         warm(t)
+    # The Triton backend's 64-bit-offset variants: a table or cache of 2^31 elements or more takes them.
+    off64 = getattr(backend, "offsets_64_bit", None)
+    if callable(off64):
+        with off64():
+            for t in sizes:
+                warm(t)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     logger.info("qknorm: warmed qk_norm_rope on backend %s for T in %s", backend.name, sizes)
